@@ -1,0 +1,130 @@
+"""Where copies run and how their ordering is enforced: CUDA streams and events, or the CPU mirror.
+
+Both classes expose the same five operations, so the offloader has one code path:
+
+- `mark()`: a timing marker on the compute stream (a pooled CUDA event, or host-clock ns on CPU);
+- `copy(dst, src, slot)`: copy a layer into a device slot after the slot's last reader is done,
+  returning the copy's start and end markers;
+- `wait_ready(slot)`: make the compute stream wait for the slot's copy (no host synchronize);
+- `record_free(slot)`: note that every kernel reading the slot has been queued;
+- `synchronize()`: drain everything (used only by detach and tests, never per layer).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import torch
+
+Marker = Any  # int nanoseconds on the CPU path, a torch.cuda.Event on the CUDA path
+
+
+class SlotFences:
+    """The two fences of a device slot: its copy is done (ready); its readers are queued (free)."""
+
+    __slots__ = ("ready", "free")
+
+    def __init__(self, ready: Any = None, free: Any = None) -> None:
+        self.ready = ready
+        self.free = free
+
+
+class CpuStreams:
+    """The CPU mirror: copies are synchronous memcpys, markers come from the monotonic host clock."""
+
+    kind = "cpu"
+    copy_stream_name = "host"
+    compute_stream_name = "host"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def new_fences(self) -> SlotFences:
+        return SlotFences()
+
+    def mark(self) -> int:
+        return time.perf_counter_ns()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, fences: SlotFences) -> tuple[int, int]:
+        start = time.perf_counter_ns()
+        dst.copy_(src)
+        return start, time.perf_counter_ns()
+
+    def wait_ready(self, fences: SlotFences) -> None:
+        """Nothing to wait for: the CPU copy finished before `copy` returned."""
+
+    def record_free(self, fences: SlotFences) -> None:
+        """Nothing to record: CPU kernels have finished when the layer's forward returns."""
+
+    def recycle(self, markers: list[Marker]) -> None:
+        """Host-clock markers are plain integers; nothing to give back."""
+
+    def synchronize(self) -> None:
+        """Nothing is in flight on the CPU path."""
+
+
+class CudaStreams:
+    """Copies on a dedicated side stream, ordered against the compute stream by events only.
+
+    Threading: driven from the thread that runs the model; `recycle` may be called from a
+    telemetry thread once it has read the events' times.
+    """
+
+    kind = "cuda"
+    copy_stream_name = "h2d"
+    compute_stream_name = "compute"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device=device)
+        # Timing events are pooled: creating a CUDA event per layer per token would cost a driver
+        # call each time. deque append/pop are atomic, so a telemetry thread can return them.
+        self._events: collections.deque[torch.cuda.Event] = collections.deque()
+
+    def new_fences(self) -> SlotFences:
+        # Fences are never timed; events without timing are cheaper to record and wait on.
+        return SlotFences(ready=torch.cuda.Event(), free=torch.cuda.Event())
+
+    def mark(self) -> torch.cuda.Event:
+        event = self._timing_event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, fences: SlotFences) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        stream = self.copy_stream
+        # The slot may still be read by the previous layer's kernels: wait for them on the GPU.
+        # An event that was never recorded completes at once, so a fresh slot does not stall.
+        stream.wait_event(fences.free)
+        start = self._timing_event()
+        start.record(stream)
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        end = self._timing_event()
+        end.record(stream)
+        fences.ready.record(stream)
+        return start, end
+
+    def wait_ready(self, fences: SlotFences) -> None:
+        torch.cuda.current_stream(self.device).wait_event(fences.ready)
+
+    def record_free(self, fences: SlotFences) -> None:
+        fences.free.record(torch.cuda.current_stream(self.device))
+
+    def recycle(self, markers: list[Marker]) -> None:
+        self._events.extend(markers)
+
+    def synchronize(self) -> None:
+        self.copy_stream.synchronize()
+        torch.cuda.current_stream(self.device).synchronize()
+
+    def _timing_event(self) -> torch.cuda.Event:
+        try:
+            return self._events.pop()
+        except IndexError:
+            return torch.cuda.Event(enable_timing=True)
+
+
+def streams_for(device: torch.device) -> CpuStreams | CudaStreams:
+    return CudaStreams(device) if device.type == "cuda" else CpuStreams(device)

@@ -1,0 +1,1 @@
+GPU_TIERS: dict[str, int] = {}

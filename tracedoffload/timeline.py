@@ -1,0 +1,76 @@
+"""The one interface through which the offloader reports what it did and when.
+
+The offloader calls a `Timeline` at every boundary: the start and end of a step (one forward
+pass of the model: the prefill or one decode token) and each layer's transfer, compute and
+release. It hands over markers, not durations: host-clock nanoseconds on the CPU path, CUDA
+events on the GPU path, which a consumer resolves later, off the hot path. The tracing core is
+such a consumer; `RecordingTimeline` keeps plain records for tests and benchmarks.
+
+Contract: called on the model's thread, on the hot path. An implementation must be cheap (append
+and return) and must never raise.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, NamedTuple
+
+TRANSFER = "transfer"
+COMPUTE = "compute"
+RELEASE = "release"
+LAYER_KINDS = (TRANSFER, COMPUTE, RELEASE)
+
+
+class LayerRecord(NamedTuple):
+    """One layer operation between two markers."""
+
+    kind: str  # TRANSFER, COMPUTE or RELEASE
+    layer_index: int
+    start: Any
+    end: Any
+    nbytes: int  # bytes copied (transfer) or device bytes given back (release); 0 for compute
+    slot: int  # device slot used, -1 for a resident layer
+    prefetched: bool  # transfer issued ahead of need (False: the compute asked for it on demand)
+
+
+class Timeline:
+    """Receives the offloader's boundaries; this base class drops them."""
+
+    def step_begin(self, marker: Any) -> None:
+        """A forward pass of the model starts."""
+
+    def layer(self, record: LayerRecord) -> None:
+        """A layer transfer, compute or release was issued between two markers."""
+
+    def step_end(self, marker: Any) -> None:
+        """The forward pass ended."""
+
+
+class RecordedStep(NamedTuple):
+    start: Any
+    end: Any
+    records: list[LayerRecord]
+
+
+class RecordingTimeline(Timeline):
+    """Keeps the last `max_steps` steps as plain records (host-clock markers are ns integers)."""
+
+    def __init__(self, max_steps: int = 4096) -> None:
+        self.steps: collections.deque[RecordedStep] = collections.deque(maxlen=max_steps)
+        self._records: list[LayerRecord] = []
+        self._start: Any = None
+
+    def step_begin(self, marker: Any) -> None:
+        self._records = []
+        self._start = marker
+
+    def layer(self, record: LayerRecord) -> None:
+        self._records.append(record)
+
+    def step_end(self, marker: Any) -> None:
+        self.steps.append(RecordedStep(self._start, marker, self._records))
+        self._records = []
+
+    def records(self, kind: str | None = None) -> list[LayerRecord]:
+        """Every record of the kept steps, optionally of one kind."""
+        return [r for step in self.steps for r in step.records if kind is None or r.kind == kind]
