@@ -1,5 +1,7 @@
 """tracedoffload: layer-wise CPU<->GPU offloading for transformers inference, traced end to end."""
 
+__version__ = "0.1.0"
+
 from tracedoffload._exceptions import (
     ConfigError,
     DeviceUnavailableError,

@@ -187,6 +187,12 @@ class Offloader:
         return sum(s.flat.numel() for s in self._slots)
 
     @property
+    def streams(self) -> CpuStreams | CudaStreams:
+        """Where copies and computes are ordered (read by the tracing core for stream names and
+        to give timing events back to the pool)."""
+        return self._streams
+
+    @property
     def num_slots(self) -> int:
         return len(self._slots)
 

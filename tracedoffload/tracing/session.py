@@ -1,0 +1,274 @@
+"""`TracingSession`: an offloader's timeline wired to OpenTelemetry.
+
+    model thread                     telemetry thread                  exporter threads
+    offloader hooks -> recorder --queue--> timings -> spans --+--> stats (every span)
+                                                              +--> export fan-out (sampled)
+                                                                     -> BatchSpanProcessor -> exporter
+
+The model's thread does O(1) work per token beyond appending records; spans, statistics and
+export all happen elsewhere, behind bounded queues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import structlog
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Span
+
+from tracedoffload.offloader import Offloader
+from tracedoffload.timeline import Timeline
+from tracedoffload.tracing import names
+from tracedoffload.tracing.clock import clock_for
+from tracedoffload.tracing.export import ExportFanout, ExportSettings
+from tracedoffload.tracing.recorder import GenerationInfo, StepPayload, TracingTimeline
+from tracedoffload.tracing.sampling import SamplingPolicy, TailSampler
+from tracedoffload.tracing.stats import OffloadStats, StatsSpanProcessor
+from tracedoffload.tracing.token_spans import SpanFactory, TokenTimer, TokenTiming
+
+log = structlog.get_logger("tracedoffload.tracing")
+
+SCOPE_NAME = "tracedoffload"
+TokenListener = Callable[[TokenTiming, OffloadStats], None]
+
+
+@dataclasses.dataclass
+class GenerationHandle:
+    """The running generation; set `output_tokens` (and `finish_reason`) before it ends."""
+
+    generation_id: str
+    span: Span | None
+    output_tokens: int = 0
+    finish_reason: str = "length"
+
+
+class TracingSession:
+    """Traces an offloaded model: one trace per token, linked to its generation span.
+
+    Args:
+        exporters: where sampled spans go (OTLP, a JSON-lines file, Perfetto, ...); may be empty,
+            statistics are kept regardless.
+        policy: level of detail and the tail rule for layer spans.
+        per_token_traces: True (default): each token is its own trace linked to the generation;
+            False: one trace per generation, tokens as children of the generation span.
+        resource: the OpenTelemetry resource; `Resource.create()` reads OTEL_SERVICE_NAME and
+            OTEL_RESOURCE_ATTRIBUTES.
+        max_queued_steps: steps waiting for the telemetry thread before new ones are dropped.
+        export: bounds of the export path.
+
+    Threading: `attach`, `generation` and `shutdown` from the model's thread; `snapshot` from any.
+    Never raises into the model: telemetry failures are logged and counted.
+    """
+
+    def __init__(
+        self,
+        exporters: Sequence[SpanExporter] = (),
+        *,
+        policy: SamplingPolicy | None = None,
+        per_token_traces: bool = True,
+        resource: Resource | None = None,
+        max_queued_steps: int = 1024,
+        export: ExportSettings | None = None,
+    ) -> None:
+        from tracedoffload import __version__
+
+        self.policy = policy or SamplingPolicy()
+        self.per_token_traces = per_token_traces
+        self.stats = OffloadStats()
+        self._stats_processor = StatsSpanProcessor(self.stats)
+        self._fanout = ExportFanout(list(exporters), export or ExportSettings())
+        self.provider = TracerProvider(resource=resource or Resource.create())
+        self.provider.add_span_processor(self._stats_processor)
+        self.provider.add_span_processor(self._fanout)
+        self._tracer = self.provider.get_tracer(SCOPE_NAME, __version__)
+        self._scope = InstrumentationScope(SCOPE_NAME, __version__)
+        self._sampler = TailSampler(self.policy)
+        self._listeners: list[TokenListener] = []
+        self._offloader: Offloader | None = None
+        self._recorder: TracingTimeline | None = None
+        self._timer: TokenTimer | None = None
+        self._factory: SpanFactory | None = None
+        self._clock: Any = None
+        self._worker = _start_worker(self._handle_step, max_queued_steps)
+        self._closed = False
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def attach(self, offloader: Offloader) -> None:
+        """Start tracing `offloader`'s model (replaces its timeline)."""
+        if self.policy.level == "off":
+            return
+        streams = offloader.streams
+        self._clock = clock_for(offloader.device)
+        offload_attributes = offload_span_attributes(offloader)
+        self._timer = TokenTimer(self._clock.resolve)
+        self._factory = SpanFactory(self.provider.resource, self._scope, (streams.copy_stream_name, streams.compute_stream_name), offload_attributes)
+        self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes)
+        self._offloader = offloader
+        offloader.timeline = self._recorder
+        _ACTIVE_RECORDERS.append(self._recorder)
+
+    def detach(self) -> None:
+        """Stop tracing the attached offloader (its timeline goes back to the no-op one)."""
+        if self._offloader is not None:
+            self._offloader.timeline = Timeline()
+            self._offloader = None
+        if self._recorder in _ACTIVE_RECORDERS:
+            _ACTIVE_RECORDERS.remove(self._recorder)
+
+    def add_token_listener(self, listener: TokenListener) -> None:
+        """Call `listener(timing, stats)` on the telemetry thread after each token is aggregated."""
+        self._listeners.append(listener)
+
+    @contextlib.contextmanager
+    def generation(self, model_name: str, input_tokens: int, max_new_tokens: int | None = None) -> Iterator[GenerationHandle]:
+        """Trace one generation: a `text_completion {model}` span that every token links to."""
+        generation_id = secrets.token_hex(8)
+        span = None
+        if self.policy.level != "off":
+            attributes: dict[str, Any] = {
+                names.GEN_AI_OPERATION_NAME: names.GEN_AI_OPERATION,
+                names.GEN_AI_PROVIDER_NAME: names.PROVIDER,
+                names.GEN_AI_REQUEST_MODEL: model_name,
+                names.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
+                names.GENERATION_ID: generation_id,
+            }
+            if max_new_tokens is not None:
+                attributes[names.GEN_AI_REQUEST_MAX_TOKENS] = max_new_tokens
+            if self._recorder is not None:
+                attributes.update(self._recorder.offload_attributes)
+            span = self._tracer.start_span(f"{names.GEN_AI_OPERATION} {model_name}", attributes=attributes)
+        handle = GenerationHandle(generation_id, span)
+        if self._recorder is not None:
+            info = GenerationInfo(generation_id, span.get_span_context() if span else None, self.per_token_traces)
+            self._recorder.begin_generation(info, self._clock.anchor())
+        try:
+            yield handle
+        finally:
+            if self._recorder is not None:
+                self._recorder.end_generation()
+            if span is not None:
+                span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, handle.output_tokens)
+                span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, (handle.finish_reason,))
+                span.end()
+
+    # -- results --------------------------------------------------------------------------------
+
+    @property
+    def dropped_spans(self) -> int:
+        """Spans lost so far: dropped before they were made, or handed to an exporter and not sent."""
+        return self._worker.dropped_spans + (self._fanout.lost() if self._closed else self._fanout.failed())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The statistics of everything traced so far (see `tracedoffload.tracing.stats`)."""
+        snapshot = self.stats.snapshot(dropped_spans=self.dropped_spans)
+        snapshot["dropped_steps"] = self._worker.dropped_items
+        snapshot["telemetry_errors"] = self._worker.errors
+        return snapshot
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait (bounded) until every finished token is aggregated and handed to the exporters."""
+        return self._worker.drain(timeout_s) and self._fanout.force_flush(int(timeout_s * 1000))
+
+    def shutdown(self, timeout_s: float = 5.0) -> bool:
+        """Flush and close the exporters, waiting at most about `timeout_s`; True when all was sent."""
+        if self._closed:
+            return True
+        self.detach()
+        drained = self._worker.stop(timeout_s)
+        # A stuck exporter must not hold the caller past the budget: shut down on a daemon thread.
+        closer = threading.Thread(target=self._fanout.shutdown, name="tracedoffload-export-shutdown", daemon=True)
+        closer.start()
+        closer.join(timeout_s)
+        self._closed = True
+        done = drained and not closer.is_alive()
+        lost = self.dropped_spans
+        if lost or not done:
+            log.warning("tracing.spans_lost", dropped_spans=lost, finished=done)
+        return done and not lost
+
+    # -- the telemetry thread -------------------------------------------------------------------
+
+    def _submit(self, payload: StepPayload) -> bool:
+        return self._worker.submit(payload, spans=len(payload.records) + 1)
+
+    def _handle_step(self, payload: StepPayload) -> None:
+        timing = self._timer.time(payload)
+        if self._offloader is not None:
+            self._offloader.streams.recycle(_markers(payload))
+        level = self.policy.level
+        sampled_by = self._sampler.decide(payload.token_index, timing.duration_ns) if level == "layer" else None
+        slow = sampled_by in ("slow", "relative")
+        events = (Event(names.EVENT_SLOW_TOKEN, {"reason": sampled_by}, timestamp=timing.end_ns),) if slow else ()
+        token_span = self._factory.token_span(timing, sampled_by, events)
+        if slow:
+            log.warning(
+                "token.slow",
+                ms=round(timing.duration_ns / 1e6, 3),
+                token_index=payload.token_index,
+                reason=sampled_by,
+                trace_id=f"{payload.trace_id:032x}",
+                span_id=f"{payload.span_id:016x}",
+            )
+        layer_spans = self._factory.layer_spans(timing, token_span)
+        for span in layer_spans:
+            self._stats_processor.on_end(span)
+        self._stats_processor.on_end(token_span)
+        if level in ("token", "layer"):
+            if sampled_by is not None:
+                for span in layer_spans:
+                    self._fanout.on_end(span)
+            self._fanout.on_end(token_span)
+        for listener in self._listeners:
+            listener(timing, self.stats)
+
+
+def offload_span_attributes(offloader: Offloader) -> dict[str, Any]:
+    """The offload configuration as span attributes (on the generation and on every token)."""
+    return {
+        names.OFFLOAD_GPU_LAYERS: len(offloader.resident_indices),
+        names.OFFLOAD_CPU_LAYERS: len(offloader.offloaded_indices),
+        names.OFFLOAD_PREFETCH: offloader.config.prefetch,
+        names.OFFLOAD_RESIDENCY: offloader.config.residency,
+        names.OFFLOAD_PINNED: offloader.pinned,
+        names.OFFLOAD_DEVICE: str(offloader.device),
+        names.OFFLOAD_OFFLOADED_BYTES: offloader.offloaded_bytes,
+        names.OFFLOAD_DEVICE_POOL_BYTES: offloader.device_pool_bytes,
+        names.OFFLOAD_PINNED_BYTES: offloader.pinned_bytes,
+    }
+
+
+def _markers(payload: StepPayload) -> list[Any]:
+    seen: dict[int, Any] = {id(payload.start): payload.start, id(payload.end): payload.end}
+    for record in payload.records:
+        seen[id(record.start)] = record.start
+        seen[id(record.end)] = record.end
+    return list(seen.values())
+
+
+def _start_worker(handle: Callable[[Any], None], max_queued: int) -> Any:
+    from tracedoffload.tracing.worker import TelemetryWorker
+
+    return TelemetryWorker(handle, max_queued)
+
+
+# Recorders of live sessions, newest last: the log processor reads the current token from them.
+_ACTIVE_RECORDERS: list[TracingTimeline] = []
+
+
+def current_token_ids() -> tuple[int, int] | None:
+    """(trace_id, span_id) of the token being computed by the newest attached session, if any."""
+    for recorder in reversed(_ACTIVE_RECORDERS):
+        current = recorder.current
+        if current is not None:
+            return current.trace_id, current.span_id
+    return None

@@ -1,0 +1,221 @@
+"""Offloading statistics aggregated from spans: live (a span processor) or from an exported file.
+
+Totals come from the `token` spans' per-token sums (so they hold when layer spans are sampled
+out of an export); the per-layer breakdown comes from the layer spans that are present. Nothing
+here is measured or estimated on its own: every figure is a sum, ratio or percentile of span data.
+The schema keeps the seeds' fields (`enabled` ... `vram_saved_gb`) and adds latency percentiles,
+the per-layer breakdown and measured overlap.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from tracedoffload.tracing import names
+from tracedoffload.tracing.spanview import SpanView
+
+_TOKEN_SUMS = (
+    names.TOKEN_COMPUTE_NS,
+    names.TOKEN_TRANSFER_NS,
+    names.TOKEN_RELEASE_NS,
+    names.TOKEN_WAIT_NS,
+    names.TOKEN_OVERLAP_NS,
+    names.TOKEN_TRANSFER_BYTES,
+    names.TOKEN_TRANSFERS,
+)
+_LAYER_FIELDS = {names.SPAN_COMPUTE: "compute", names.SPAN_TRANSFER: "transfer", names.SPAN_RELEASE: "release"}
+PERCENTILES = (50, 90, 95, 99)
+SLOWEST_KEPT = 10
+
+
+class OffloadStats:
+    """Accumulates spans; `snapshot()` gives the metrics dict. Thread-safe."""
+
+    def __init__(self, max_token_latencies: int = 100_000) -> None:
+        self._lock = threading.Lock()
+        self._totals = dict.fromkeys(_TOKEN_SUMS, 0)
+        self._latencies: collections.deque[int] = collections.deque(maxlen=max_token_latencies)
+        self._slowest: list[tuple[int, int, str, int, str]] = []  # min-heap of (ns, index, phase, trace id, generation)
+        self._layers: dict[int, dict[str, int]] = {}
+        self._offload: dict[str, Any] = {}
+        self._tokens = 0
+        self._decode_tokens = 0
+        self._generations = 0
+        self._layer_detail_tokens = 0
+
+    def add(self, name: str, start_ns: int, end_ns: int, attributes: Mapping[str, Any], trace_id: int) -> None:
+        with self._lock:
+            if name == names.SPAN_TOKEN:
+                self._add_token(end_ns - start_ns, attributes, trace_id)
+            elif name in _LAYER_FIELDS:
+                self._add_layer(_LAYER_FIELDS[name], end_ns - start_ns, attributes)
+            elif attributes.get(names.GEN_AI_OPERATION_NAME) is not None:
+                self._generations += 1
+
+    def add_view(self, span: SpanView) -> None:
+        self.add(span.name, span.start_ns, span.end_ns, span.attributes, span.trace_id)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    def _add_token(self, duration_ns: int, attributes: Mapping[str, Any], trace_id: int) -> None:
+        self._tokens += 1
+        for key in _TOKEN_SUMS:
+            self._totals[key] += int(attributes.get(key, 0))
+        self._latencies.append(duration_ns)
+        if attributes.get(names.TOKEN_PHASE) == names.PHASE_DECODE:
+            self._decode_tokens += 1
+        if attributes.get(names.TOKEN_LAYER_DETAIL):
+            self._layer_detail_tokens += 1
+        for key in (names.OFFLOAD_GPU_LAYERS, names.OFFLOAD_CPU_LAYERS, names.OFFLOAD_OFFLOADED_BYTES, names.OFFLOAD_DEVICE_POOL_BYTES, names.OFFLOAD_PINNED_BYTES):
+            if key in attributes:
+                self._offload[key] = attributes[key]
+        entry = (duration_ns, int(attributes.get(names.TOKEN_INDEX, -1)), str(attributes.get(names.TOKEN_PHASE, "")), trace_id, str(attributes.get(names.GENERATION_ID, "")))
+        if len(self._slowest) < SLOWEST_KEPT:
+            heapq.heappush(self._slowest, entry)
+        elif entry > self._slowest[0]:
+            heapq.heapreplace(self._slowest, entry)
+
+    def _add_layer(self, field: str, duration_ns: int, attributes: Mapping[str, Any]) -> None:
+        index = int(attributes.get(names.LAYER_INDEX, -1))
+        layer = self._layers.get(index)
+        if layer is None:
+            layer = self._layers[index] = collections.defaultdict(int)
+        layer[f"{field}_ns"] += duration_ns
+        layer[f"{field}_count"] += 1
+        if field == "compute":
+            layer["wait_ns"] += int(attributes.get(names.LAYER_WAIT_NS, 0))
+            layer["offloaded"] = int(bool(attributes.get(names.LAYER_OFFLOADED)))
+        elif field == "transfer":
+            layer["bytes"] += int(attributes.get(names.LAYER_BYTES, 0))
+            layer["overlap_ns"] += int(attributes.get(names.LAYER_OVERLAP_NS, 0))
+
+    def snapshot(self, dropped_spans: int = 0) -> dict[str, Any]:
+        """The metrics dict. Empty-run safe: with no tokens, `enabled` says so and figures are None."""
+        with self._lock:
+            return _build_snapshot(self, dropped_spans)
+
+
+def _ms(ns: float) -> float:
+    return round(ns / 1e6, 3)
+
+
+def _build_snapshot(stats: OffloadStats, dropped_spans: int) -> dict[str, Any]:
+    totals = stats._totals
+    gpu_layers = stats._offload.get(names.OFFLOAD_GPU_LAYERS)
+    cpu_layers = stats._offload.get(names.OFFLOAD_CPU_LAYERS)
+    if not stats._tokens:
+        return {"enabled": False, "tokens": 0, "reason": "no token spans were recorded", "dropped_spans": dropped_spans}
+    compute, transfer, release = totals[names.TOKEN_COMPUTE_NS], totals[names.TOKEN_TRANSFER_NS], totals[names.TOKEN_RELEASE_NS]
+    overlap, transfers = totals[names.TOKEN_OVERLAP_NS], totals[names.TOKEN_TRANSFERS]
+    overhead = transfer + release
+    latencies = sorted(stats._latencies)
+    offloaded_bytes = stats._offload.get(names.OFFLOAD_OFFLOADED_BYTES, 0)
+    pool_bytes = stats._offload.get(names.OFFLOAD_DEVICE_POOL_BYTES, 0)
+    return {
+        "enabled": bool(cpu_layers),
+        "gpu_layers": gpu_layers,
+        "cpu_layers": cpu_layers,
+        # The seeds' fields, with the seeds' meanings: overhead is all copy and release time.
+        "transfer_overhead_ms": _ms(overhead),
+        "avg_layer_transfer_ms": _ms(transfer / transfers) if transfers else 0.0,
+        "overhead_percentage": round(100 * overhead / (overhead + compute), 2) if overhead + compute else 0.0,
+        "time_breakdown": {
+            "pure_computation_ms": _ms(compute),
+            "cpu_to_gpu_transfer_ms": _ms(transfer),
+            "gpu_to_cpu_release_ms": _ms(release),
+        },
+        # What perfect overlap would still save: per token, copies fully hidden behind compute
+        # would cost max(compute, transfer) instead of compute + transfer - overlap already achieved.
+        "theoretical_async_savings_ms": _ms(max(0, min(compute, transfer) - overlap)),
+        "vram_saved_gb": round((offloaded_bytes - pool_bytes) / 1e9, 4) if cpu_layers else 0.0,
+        # Beyond the seeds.
+        "tokens": stats._tokens,
+        "decode_tokens": stats._decode_tokens,
+        "generations": stats._generations,
+        "token_latency_ms": {
+            **{f"p{p}": _ms(_percentile(latencies, p)) for p in PERCENTILES},
+            "mean": _ms(sum(latencies) / len(latencies)),
+            "max": _ms(latencies[-1]),
+        },
+        "bytes_transferred": totals[names.TOKEN_TRANSFER_BYTES],
+        "transfer_gbps": round(totals[names.TOKEN_TRANSFER_BYTES] / transfer, 3) if transfer else 0.0,
+        "overlap_efficiency": round(overlap / transfer, 4) if transfer else 0.0,
+        "exposed_transfer_ms": _ms(transfer - overlap),
+        "compute_wait_ms": _ms(totals[names.TOKEN_WAIT_NS]),
+        "offloaded_bytes": offloaded_bytes,
+        "device_pool_bytes": pool_bytes,
+        "pinned_bytes": stats._offload.get(names.OFFLOAD_PINNED_BYTES, 0),
+        "layer_detail_tokens": stats._layer_detail_tokens,
+        "per_layer": {index: _layer_row(row) for index, row in sorted(stats._layers.items())},
+        "slowest_tokens": [
+            {"ms": _ms(ns), "token_index": index, "phase": phase, "trace_id": f"{trace_id:032x}", "generation_id": generation}
+            for ns, index, phase, trace_id, generation in sorted(stats._slowest, reverse=True)
+        ],
+        "dropped_spans": dropped_spans,
+    }
+
+
+def _layer_row(row: Mapping[str, int]) -> dict[str, Any]:
+    computes = row.get("compute_count", 0)
+    transfer_ns = row.get("transfer_ns", 0)
+    return {
+        "offloaded": bool(row.get("offloaded", 0) or row.get("transfer_count", 0)),
+        "computes": computes,
+        "compute_ms": _ms(row.get("compute_ns", 0)),
+        "avg_compute_ms": _ms(row.get("compute_ns", 0) / computes) if computes else 0.0,
+        "transfers": row.get("transfer_count", 0),
+        "transfer_ms": _ms(transfer_ns),
+        "release_ms": _ms(row.get("release_ns", 0)),
+        "wait_ms": _ms(row.get("wait_ns", 0)),
+        "bytes": row.get("bytes", 0),
+        "overlap_efficiency": round(row.get("overlap_ns", 0) / transfer_ns, 4) if transfer_ns else 0.0,
+    }
+
+
+def _percentile(sorted_values: list[int], p: float) -> float:
+    """Linear-interpolated percentile of an already sorted list."""
+    if len(sorted_values) == 1:
+        return float(sorted_values[0])
+    rank = (len(sorted_values) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+
+
+def stats_from_spans(spans: Iterable[SpanView]) -> dict[str, Any]:
+    """The same aggregation, over spans read back from an export."""
+    stats = OffloadStats()
+    for span in spans:
+        stats.add_view(span)
+    return stats.snapshot()
+
+
+class StatsSpanProcessor(SpanProcessor):
+    """Feeds every span it sees into an `OffloadStats`. Never raises, never blocks on I/O."""
+
+    def __init__(self, stats: OffloadStats) -> None:
+        self.stats = stats
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            self.stats.add(span.name, span.start_time or 0, span.end_time or 0, span.attributes or {}, span.context.trace_id)
+        except Exception:  # noqa: BLE001 - statistics must never take the telemetry path down
+            pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True

@@ -1,0 +1,75 @@
+"""The telemetry thread: takes finished steps from a bounded queue and turns them into spans.
+
+The model's thread only ever calls `submit`, which never blocks: when the queue is full the step
+is dropped and counted, and the generation goes on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("tracedoffload.tracing")
+
+_STOP = object()
+
+
+class TelemetryWorker:
+    """A daemon thread running `handle(item)` for each submitted item, in order."""
+
+    def __init__(self, handle: Callable[[Any], None], max_queued: int = 1024, name: str = "tracedoffload-telemetry") -> None:
+        self._handle = handle
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queued)
+        self.dropped_items = 0
+        self.dropped_spans = 0
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Any, spans: int = 0) -> bool:
+        """Queue an item without blocking; False (and counted as dropped) when the queue is full."""
+        try:
+            self._queue.put_nowait(item)
+            return True
+        except queue.Full:
+            self.dropped_items += 1
+            self.dropped_spans += spans
+            return False
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for every queued item to be handled; True when all were."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.002)
+        return True
+
+    def stop(self, timeout_s: float) -> bool:
+        """Handle what is queued (within the timeout), then end the thread."""
+        drained = self.drain(timeout_s)
+        try:
+            self._queue.put(_STOP, timeout=max(0.0, timeout_s))
+        except queue.Full:
+            return False
+        self._thread.join(timeout_s)
+        return drained and not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                self._handle(item)
+            except Exception as error:  # noqa: BLE001 - the telemetry thread must outlive any bad step
+                self.errors += 1
+                if self.errors <= 3:
+                    log.error("telemetry.step_failed", error=repr(error), errors=self.errors)
+            finally:
+                self._queue.task_done()
