@@ -196,6 +196,10 @@ class Offloader:
     def num_slots(self) -> int:
         return len(self._slots)
 
+    def host_buffer(self, index: int) -> torch.Tensor:
+        """The packed host buffer of offloaded layer `index` (read-only by contract)."""
+        return self._offloaded[index].host_flat
+
     def layer_bytes(self, index: int) -> int:
         """Bytes moved per transfer of offloaded layer `index`."""
         return self._offloaded[index].layout.nbytes

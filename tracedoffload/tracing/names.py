@@ -64,3 +64,12 @@ LAYER_OVERLAP_NS = "layer.overlap_ns"  # transfer: time it ran while some layer 
 
 # -- events -------------------------------------------------------------------------------------------------
 EVENT_SLOW_TOKEN = "tracedoffload.slow_token"
+EVENT_LEAK_SUSPECTED = "tracedoffload.leak_suspected"
+
+# -- memory (token spans; absent when not readable, never 0) -----------------------------------------
+MEMORY_HOST_RSS = "memory.host.rss_bytes"
+MEMORY_HOST_RSS_DELTA = "memory.host.rss_delta_bytes"
+MEMORY_DEVICE_ALLOCATED = "memory.device.allocated_bytes"
+MEMORY_DEVICE_ALLOCATED_DELTA = "memory.device.allocated_delta_bytes"
+MEMORY_DEVICE_RESERVED = "memory.device.reserved_bytes"
+MEMORY_PINNED = "memory.host.pinned_bytes"

@@ -37,6 +37,7 @@ class StepPayload(NamedTuple):
     start: Any
     end: Any
     records: list[LayerRecord]
+    memory: Any = None  # a QuietPoint taken at the step end, when a memory monitor is attached
 
 
 class TokenContext(NamedTuple):
@@ -51,8 +52,15 @@ class TracingTimeline(Timeline):
     Threading: called on the model's thread only; `submit` is the hand-over to another thread.
     """
 
-    def __init__(self, submit: Callable[[StepPayload], bool], anchor: Any, offload_attributes: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        submit: Callable[[StepPayload], bool],
+        anchor: Any,
+        offload_attributes: Mapping[str, Any],
+        quiet_point: Callable[[], Any] | None = None,
+    ) -> None:
         self._submit = submit
+        self._quiet_point = quiet_point
         self.anchor = anchor
         self.offload_attributes = dict(offload_attributes)
         self.generation: GenerationInfo | None = None
@@ -84,8 +92,9 @@ class TracingTimeline(Timeline):
         current = self.current
         if current is None:  # a step_end without its begin (hooks attached mid-forward)
             return
+        memory = self._quiet_point() if self._quiet_point is not None else None
         self._submit(
-            StepPayload(self.generation, current.token_index, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records)
+            StepPayload(self.generation, current.token_index, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records, memory)
         )
         self._records = []
         self._token_index += 1

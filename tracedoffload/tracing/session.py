@@ -79,6 +79,7 @@ class TracingSession:
         max_queued_steps: int = 1024,
         export: ExportSettings | None = None,
     ) -> None:
+        self.monitor: Any = None  # a MemoryMonitor, set by `monitor_memory`
         from tracedoffload import __version__
 
         self.policy = policy or SamplingPolicy()
@@ -112,7 +113,8 @@ class TracingSession:
         offload_attributes = offload_span_attributes(offloader)
         self._timer = TokenTimer(self._clock.resolve)
         self._factory = SpanFactory(self.provider.resource, self._scope, (streams.copy_stream_name, streams.compute_stream_name), offload_attributes)
-        self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes)
+        quiet_point = self.monitor.quiet_point if self.monitor is not None else None
+        self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes, quiet_point)
         self._offloader = offloader
         offloader.timeline = self._recorder
         _ACTIVE_RECORDERS.append(self._recorder)
@@ -124,6 +126,13 @@ class TracingSession:
             self._offloader = None
         if self._recorder in _ACTIVE_RECORDERS:
             _ACTIVE_RECORDERS.remove(self._recorder)
+
+    def monitor_memory(self, monitor: Any) -> None:
+        """Add a `tracedoffload.monitor.MemoryMonitor` (before `attach`): memory on every token span,
+        leak detection and alerts."""
+        if self._recorder is not None:
+            raise RuntimeError("monitor_memory() must be called before attach()")
+        self.monitor = monitor
 
     def add_token_listener(self, listener: TokenListener) -> None:
         """Call `listener(timing, stats)` on the telemetry thread after each token is aggregated."""
@@ -148,6 +157,8 @@ class TracingSession:
                 attributes.update(self._recorder.offload_attributes)
             span = self._tracer.start_span(f"{names.GEN_AI_OPERATION} {model_name}", attributes=attributes)
         handle = GenerationHandle(generation_id, span)
+        if self.monitor is not None:
+            self.monitor.begin_generation()
         if self._recorder is not None:
             info = GenerationInfo(generation_id, span.get_span_context() if span else None, self.per_token_traces)
             self._recorder.begin_generation(info, self._clock.anchor())
@@ -208,8 +219,12 @@ class TracingSession:
         level = self.policy.level
         sampled_by = self._sampler.decide(payload.token_index, timing.duration_ns) if level == "layer" else None
         slow = sampled_by in ("slow", "relative")
-        events = (Event(names.EVENT_SLOW_TOKEN, {"reason": sampled_by}, timestamp=timing.end_ns),) if slow else ()
-        token_span = self._factory.token_span(timing, sampled_by, events)
+        events: tuple[Event, ...] = (Event(names.EVENT_SLOW_TOKEN, {"reason": sampled_by}, timestamp=timing.end_ns),) if slow else ()
+        memory_attributes: dict[str, Any] = {}
+        if self.monitor is not None:
+            memory_attributes, memory_events = self.monitor.on_token(payload.token_index, payload.memory, payload.trace_id)
+            events += memory_events
+        token_span = self._factory.token_span(timing, sampled_by, events, memory_attributes)
         if slow:
             log.warning(
                 "token.slow",

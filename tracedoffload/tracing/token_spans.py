@@ -106,7 +106,7 @@ class SpanFactory:
         self.copy_stream, self.compute_stream = stream_names
         self.offload_attributes = offload_attributes
 
-    def token_span(self, timing: TokenTiming, sampled_by: str | None, events: tuple[Event, ...] = ()) -> ReadableSpan:
+    def token_span(self, timing: TokenTiming, sampled_by: str | None, events: tuple[Event, ...] = (), extra: dict[str, Any] | None = None) -> ReadableSpan:
         payload = timing.payload
         generation = payload.generation
         attributes: dict[str, Any] = {
@@ -116,6 +116,7 @@ class SpanFactory:
             names.TOKEN_SAMPLED_BY: sampled_by or "none",
             **self.offload_attributes,
             **timing.sums,
+            **(extra or {}),
         }
         parent = None
         links: tuple[Link, ...] = ()

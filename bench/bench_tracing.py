@@ -1,0 +1,84 @@
+"""Tracing overhead on the embedded default model: prints figures (not a timed test).
+
+Half the layers offloaded; per round, in rotating order: tracing off, the default sampling, and
+full layer detail (every span exported to an OTLP JSON-lines file). Token latency is the median
+of the per-round ms/token. Targets: full / off <= 1.03, default / off <= 1.01.
+
+    python bench/bench_tracing.py --rounds 9 --tokens 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tracedoffload import OffloadConfig, offload
+from tracedoffload.default_model import build_default_model
+from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
+from tracedoffload.tracing.sampling import SamplingPolicy
+from tracedoffload.tracing.session import TracingSession
+
+POLICIES = {"off": None, "default": SamplingPolicy(), "full": SamplingPolicy.full_detail()}
+
+
+def ms_per_token(model, offloader, prompt, tokens: int, policy: SamplingPolicy | None, trace_dir: Path) -> tuple[float, dict]:
+    session = None
+    if policy is not None:
+        session = TracingSession([OtlpJsonLinesExporter(trace_dir / f"{time.time_ns()}.otlp.jsonl")], policy=policy)
+        session.attach(offloader)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        if session is None:
+            model.generate(prompt, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        else:
+            with session.generation("default", prompt.shape[1], tokens) as handle:
+                model.generate(prompt, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+                handle.output_tokens = tokens
+    elapsed = (time.perf_counter() - started) * 1e3 / tokens
+    stats = {}
+    if session is not None:
+        session.shutdown(30)  # outside the timed region: export finishes before the next run
+        stats = session.snapshot()
+    return elapsed, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    model = build_default_model()
+    offloader = offload(model, OffloadConfig(num_layers_on_gpu=len(model.model.layers) // 2, device=args.device))
+    prompt = torch.arange(1, 17).unsqueeze(0).to(offloader.device)
+    results: dict[str, list[float]] = {name: [] for name in POLICIES}
+    spans_exported = {}
+    with tempfile.TemporaryDirectory() as trace_dir:
+        ms_per_token(model, offloader, prompt, 8, None, Path(trace_dir))  # warm-up
+        order = list(POLICIES)
+        for round_index in range(args.rounds):
+            for name in order[round_index % 3 :] + order[: round_index % 3]:
+                elapsed, stats = ms_per_token(model, offloader, prompt, args.tokens, POLICIES[name], Path(trace_dir))
+                results[name].append(elapsed)
+                if stats:
+                    spans_exported[name] = stats.get("layer_detail_tokens"), stats.get("dropped_spans")
+    offloader.detach()
+
+    median = {name: statistics.median(values) for name, values in results.items()}
+    print(f"device {offloader.device}, {args.rounds} interleaved rounds x {args.tokens} tokens, half the layers offloaded")
+    for name, value in median.items():
+        spread = f"min {min(results[name]):.2f} max {max(results[name]):.2f}"
+        detail = f"  (tokens with layer detail, dropped spans in last run: {spans_exported[name]})" if name in spans_exported else ""
+        print(f"  {name:<8} median {value:7.2f} ms/token  {spread}{detail}")
+    print(f"full detail / off = {median['full'] / median['off']:.4f}   (target <= 1.03)")
+    print(f"default     / off = {median['default'] / median['off']:.4f}   (target <= 1.01)")
+
+
+if __name__ == "__main__":
+    main()

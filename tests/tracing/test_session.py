@@ -1,0 +1,310 @@
+"""The trace shape, timings and statistics of a traced offloaded generation, on the CPU path."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import time
+
+import structlog
+import torch
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tracedoffload.logs import configure_logging
+from tracedoffload.tracing import names
+from tracedoffload.tracing.sampling import SamplingPolicy
+from tracedoffload.tracing.session import TracingSession
+
+from .conftest import NUM_LAYERS, traced_generation
+
+
+def by_trace(spans):
+    traces = collections.defaultdict(list)
+    for span in spans:
+        traces[span.context.trace_id].append(span)
+    return traces
+
+
+def token_traces(spans):
+    return {tid: group for tid, group in by_trace(spans).items() if any(s.name == names.SPAN_TOKEN for s in group)}
+
+
+class TestTraceShape:
+    def test_one_trace_per_token_linked_to_the_generation(self, full_detail_run):
+        """Each token is its own trace whose root links to the single generation span."""
+        _, spans, _ = full_detail_run
+        generation = [s for s in spans if s.name == "text_completion tiny"]
+        assert len(generation) == 1
+        traces = token_traces(spans)
+        assert len(traces) == 6
+        for group in traces.values():
+            roots = [s for s in group if s.name == names.SPAN_TOKEN]
+            assert len(roots) == 1 and roots[0].parent is None
+            assert [link.context.span_id for link in roots[0].links] == [generation[0].context.span_id]
+            assert roots[0].attributes[names.GENERATION_ID] == generation[0].attributes[names.GENERATION_ID]
+
+    def test_layer_spans_are_children_of_their_token(self, full_detail_run):
+        """Every layer span's parent is the token span of its own trace."""
+        _, spans, _ = full_detail_run
+        for group in token_traces(spans).values():
+            root = next(s for s in group if s.name == names.SPAN_TOKEN)
+            for span in group:
+                if span is not root:
+                    assert span.name in names.LAYER_SPANS
+                    assert span.parent.span_id == root.context.span_id
+
+    def test_counts_per_token(self, full_detail_run):
+        """A token has a compute span per layer and a transfer and release per offloaded layer."""
+        _, spans, offloader = full_detail_run
+        offloaded = len(offloader.offloaded_indices)
+        for group in token_traces(spans).values():
+            count = collections.Counter(s.name for s in group)
+            assert count[names.SPAN_COMPUTE] == NUM_LAYERS
+            assert count[names.SPAN_RELEASE] == offloaded
+            # The last offloaded layer's release prefetches the next step's first one: +1 at most.
+            assert count[names.SPAN_TRANSFER] in (offloaded, offloaded + 1)
+
+    def test_phase_and_token_index(self, full_detail_run):
+        """Token 0 is the prefill; the rest are decode steps numbered in order."""
+        _, spans, _ = full_detail_run
+        tokens = sorted((s for s in spans if s.name == names.SPAN_TOKEN), key=lambda s: s.attributes[names.TOKEN_INDEX])
+        assert [s.attributes[names.TOKEN_INDEX] for s in tokens] == list(range(6))
+        assert [s.attributes[names.TOKEN_PHASE] for s in tokens] == ["prefill"] + ["decode"] * 5
+
+    def test_generation_carries_genai_attributes(self, full_detail_run):
+        """The generation span has the GenAI semantic-convention attributes and the offload config."""
+        _, spans, offloader = full_detail_run
+        generation = next(s for s in spans if s.name == "text_completion tiny")
+        attributes = generation.attributes
+        assert attributes[names.GEN_AI_OPERATION_NAME] == "text_completion"
+        assert attributes[names.GEN_AI_REQUEST_MODEL] == "tiny"
+        assert attributes[names.GEN_AI_USAGE_INPUT_TOKENS] == 5
+        assert attributes[names.GEN_AI_USAGE_OUTPUT_TOKENS] == 6
+        assert attributes[names.OFFLOAD_CPU_LAYERS] == len(offloader.offloaded_indices)
+
+    def test_one_trace_per_generation_switch(self, memory_exporter):
+        """With per_token_traces off, tokens are children of the generation span in its trace."""
+        session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail(), per_token_traces=False)
+        traced_generation(session).detach()
+        session.shutdown(10)
+        spans = memory_exporter.get_finished_spans()
+        assert len({s.context.trace_id for s in spans}) == 1
+        generation = next(s for s in spans if s.name.startswith("text_completion"))
+        tokens = [s for s in spans if s.name == names.SPAN_TOKEN]
+        assert tokens and all(t.parent.span_id == generation.context.span_id and not t.links for t in tokens)
+
+
+class TestTimestamps:
+    def test_layer_spans_nest_inside_their_token(self, full_detail_run):
+        """Every layer span starts and ends within its token span, and ends after it starts."""
+        _, spans, _ = full_detail_run
+        for group in token_traces(spans).values():
+            root = next(s for s in group if s.name == names.SPAN_TOKEN)
+            for span in group:
+                assert root.start_time <= span.start_time <= span.end_time <= root.end_time
+
+    def test_computes_are_sequential_and_copies_land_first(self, full_detail_run):
+        """Computes follow layer order without overlapping, and a layer's copy ends before its compute."""
+        _, spans, _ = full_detail_run
+        for group in token_traces(spans).values():
+            computes = sorted((s for s in group if s.name == names.SPAN_COMPUTE), key=lambda s: s.start_time)
+            assert [c.attributes[names.LAYER_INDEX] for c in computes] == list(range(NUM_LAYERS))
+            for before, after in zip(computes, computes[1:]):
+                assert before.end_time <= after.start_time
+            for transfer in (s for s in group if s.name == names.SPAN_TRANSFER):
+                layer = transfer.attributes[names.LAYER_INDEX]
+                compute = next((c for c in computes if c.attributes[names.LAYER_INDEX] == layer and c.start_time >= transfer.end_time), None)
+                later_token = compute is None  # the wrap-around prefetch is computed in the next token
+                assert later_token or transfer.end_time <= compute.start_time
+
+    def test_timestamps_are_wall_clock(self, full_detail_run):
+        """Span times are anchored to wall-clock time (within a minute of now)."""
+        _, spans, _ = full_detail_run
+        now = time.time_ns()
+        assert all(abs(s.start_time - now) < 60e9 for s in spans)
+
+
+class TestStatistics:
+    def test_breakdown_equals_an_independent_sum_over_exported_spans(self, full_detail_run):
+        """transfer, compute and release totals equal the sums of the exported layer span durations."""
+        session, spans, _ = full_detail_run
+        stats = session.snapshot()
+        total = collections.Counter()
+        for span in spans:
+            total[span.name] += span.end_time - span.start_time
+        breakdown = stats["time_breakdown"]
+        assert breakdown["cpu_to_gpu_transfer_ms"] == round(total[names.SPAN_TRANSFER] / 1e6, 3)
+        assert breakdown["pure_computation_ms"] == round(total[names.SPAN_COMPUTE] / 1e6, 3)
+        assert breakdown["gpu_to_cpu_release_ms"] == round(total[names.SPAN_RELEASE] / 1e6, 3)
+        assert stats["transfer_overhead_ms"] == round((total[names.SPAN_TRANSFER] + total[names.SPAN_RELEASE]) / 1e6, 3)
+
+    def test_seed_fields_are_never_zero_when_offloading(self, full_detail_run):
+        """Every time field of the seeds' schema is measured, never a zero placeholder."""
+        session, _, offloader = full_detail_run
+        stats = session.snapshot()
+        assert stats["enabled"] is True
+        assert stats["gpu_layers"] == 3 and stats["cpu_layers"] == 3
+        assert all(v > 0 for v in stats["time_breakdown"].values())
+        assert stats["avg_layer_transfer_ms"] > 0 and 0 < stats["overhead_percentage"] < 100
+        assert stats["vram_saved_gb"] == round((offloader.offloaded_bytes - offloader.device_pool_bytes) / 1e9, 4)
+
+    def test_latency_percentiles_and_slowest_tokens(self, full_detail_run):
+        """Percentiles are ordered and the slowest tokens name their trace ids."""
+        session, spans, _ = full_detail_run
+        stats = session.snapshot()
+        latency = stats["token_latency_ms"]
+        assert latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+        token_ids = {f"{s.context.trace_id:032x}" for s in spans if s.name == names.SPAN_TOKEN}
+        assert {t["trace_id"] for t in stats["slowest_tokens"]} <= token_ids
+        durations = [t["ms"] for t in stats["slowest_tokens"]]
+        assert durations == sorted(durations, reverse=True)
+
+    def test_per_layer_breakdown_covers_every_layer(self, full_detail_run):
+        """The per-layer table has a row for each layer; only offloaded ones have transfers."""
+        session, _, offloader = full_detail_run
+        per_layer = session.snapshot()["per_layer"]
+        assert sorted(per_layer) == list(range(NUM_LAYERS))
+        for index, row in per_layer.items():
+            assert row["computes"] == 6
+            assert (row["transfers"] > 0) == (index in offloader.offloaded_indices)
+
+    def test_stats_see_every_span_when_export_is_sampled(self, memory_exporter):
+        """With the default tail rule, fewer spans are exported but the totals cover every token."""
+        session = TracingSession([memory_exporter], policy=SamplingPolicy(first_tokens=1, every_n=1000, relative_to_p95=None))
+        traced_generation(session, new_tokens=8).detach()
+        session.shutdown(10)
+        spans = memory_exporter.get_finished_spans()
+        stats = session.snapshot()
+        assert stats["tokens"] == 8
+        assert stats["layer_detail_tokens"] == 1
+        exported_computes = sum(1 for s in spans if s.name == names.SPAN_COMPUTE)
+        assert exported_computes == NUM_LAYERS
+        assert sum(row["computes"] for row in stats["per_layer"].values()) == 8 * NUM_LAYERS
+
+
+class TestLevels:
+    def test_token_level_exports_no_layer_spans(self, memory_exporter):
+        """At level "token", token and generation spans are exported and layer spans are not."""
+        session = TracingSession([memory_exporter], policy=SamplingPolicy(level="token"))
+        traced_generation(session).detach()
+        session.shutdown(10)
+        names_seen = {s.name for s in memory_exporter.get_finished_spans()}
+        assert names_seen == {names.SPAN_TOKEN, "text_completion tiny"}
+        assert session.snapshot()["time_breakdown"]["pure_computation_ms"] > 0
+
+    def test_generation_level_exports_only_the_generation(self, memory_exporter):
+        """At level "generation", only the generation span leaves the process."""
+        session = TracingSession([memory_exporter], policy=SamplingPolicy(level="generation"))
+        traced_generation(session).detach()
+        session.shutdown(10)
+        assert [s.name for s in memory_exporter.get_finished_spans()] == ["text_completion tiny"]
+
+    def test_off_records_nothing(self, memory_exporter):
+        """At level "off" the offloader keeps its no-op timeline and no span is made."""
+        session = TracingSession([memory_exporter], policy=SamplingPolicy(level="off"))
+        offloader = traced_generation(session)
+        assert type(offloader.timeline).__name__ == "Timeline"
+        offloader.detach()
+        session.shutdown(10)
+        assert memory_exporter.get_finished_spans() == ()
+        assert session.snapshot()["enabled"] is False
+
+
+class SlowExporter(SpanExporter):
+    """A test fake: an exporter that takes `delay_s` per batch."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def export(self, spans):
+        time.sleep(self.delay_s)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        pass
+
+
+class FailingExporter(SpanExporter):
+    """A test fake: an exporter whose backend answers errors."""
+
+    def export(self, spans):
+        return SpanExportResult.FAILURE
+
+    def shutdown(self):
+        pass
+
+
+class TestNeverInTheWay:
+    def test_a_slow_exporter_does_not_block_generation_or_shutdown_beyond_budget(self):
+        """A 3 s exporter neither slows the generation nor holds shutdown past its budget."""
+        session = TracingSession([SlowExporter(3.0)], policy=SamplingPolicy.full_detail())
+        started = time.monotonic()
+        traced_generation(session, flush=False).detach()
+        generated = time.monotonic() - started
+        started = time.monotonic()
+        session.shutdown(timeout_s=0.5)
+        assert time.monotonic() - started < 2.0
+        assert generated < 3.0
+        assert session.snapshot()["dropped_spans"] > 0
+
+    def test_failed_exports_are_counted(self):
+        """Spans an exporter fails to send are counted as dropped, and the stats are still complete."""
+        session = TracingSession([FailingExporter()], policy=SamplingPolicy.full_detail())
+        traced_generation(session).detach()
+        session.shutdown(5)
+        stats = session.snapshot()
+        assert stats["dropped_spans"] > 0
+        assert stats["tokens"] == 6
+
+    def test_a_raising_listener_is_counted_not_raised(self):
+        """An error on the telemetry thread is logged and counted; the generation completes."""
+        session = TracingSession([], policy=SamplingPolicy.full_detail())
+
+        def explode(timing, stats):
+            raise RuntimeError("listener bug")
+
+        session.add_token_listener(explode)
+        traced_generation(session).detach()
+        session.shutdown(5)
+        assert session.snapshot()["telemetry_errors"] == 6
+
+    def test_a_full_queue_drops_steps_without_blocking(self):
+        """When the telemetry thread falls behind, new steps are dropped and counted, never waited for."""
+        session = TracingSession([], policy=SamplingPolicy.full_detail(), max_queued_steps=1)
+        session.add_token_listener(lambda timing, stats: time.sleep(0.3))
+        started = time.monotonic()
+        traced_generation(session, new_tokens=6, flush=False).detach()
+        assert time.monotonic() - started < 1.5
+        session.shutdown(5)
+        stats = session.snapshot()
+        assert stats["dropped_steps"] > 0
+        assert stats["tokens"] + stats["dropped_steps"] == 6
+
+
+class TestLogCorrelation:
+    def test_events_logged_during_a_token_carry_its_trace_id(self, memory_exporter):
+        """A structlog event emitted inside a layer's forward carries that token's trace and span ids."""
+        stream = io.StringIO()
+        configure_logging("json", stream=stream)
+        try:
+            session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail())
+            from .conftest import tiny_model
+            from tracedoffload import OffloadConfig, offload
+
+            model = tiny_model()
+            offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
+            session.attach(offloader)
+            logger = structlog.get_logger("test")
+            model.model.layers[2].register_forward_hook(lambda *a: logger.info("inside.layer"))
+            with torch.inference_mode(), session.generation("tiny", input_tokens=5):
+                model(torch.arange(5).unsqueeze(0))
+            session.shutdown(5)
+            offloader.detach()
+        finally:
+            configure_logging("console")
+        event = next(json.loads(line) for line in stream.getvalue().splitlines() if "inside.layer" in line)
+        token = next(s for s in memory_exporter.get_finished_spans() if s.name == names.SPAN_TOKEN)
+        assert event["trace_id"] == f"{token.context.trace_id:032x}"
+        assert event["span_id"] == f"{token.context.span_id:016x}"

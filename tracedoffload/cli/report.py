@@ -1,0 +1,42 @@
+"""`tracedoffload report FILE`: the statistics recomputed from an exported trace file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tracedoffload._exceptions import TracedOffloadError
+from tracedoffload.tracing.stats import stats_from_spans
+from tracedoffload.tracing.summary import slowest_tokens, stats_table
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="recompute the offload statistics from an exported OTLP JSON-lines trace file",
+        description="Recompute the statistics of a run from its OTLP JSON-lines trace file and list the slowest tokens with their trace ids.",
+    )
+    parser.add_argument("file", type=Path, help="an OTLP JSON-lines file written by `tracedoffload run --trace-file`")
+    parser.add_argument("--slowest", type=int, default=10, help="how many slow tokens to list (default 10)")
+    parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    parser.set_defaults(handler=report)
+
+
+def report(args: argparse.Namespace) -> int:
+    from tracedoffload.tracing.exporters.jsonl import read_otlp_jsonl
+
+    if not args.file.is_file():
+        raise TracedOffloadError(f"file={str(args.file)!r}: no such file")
+    if args.slowest < 0:
+        raise TracedOffloadError(f"--slowest={args.slowest}: must be >= 0")
+    try:
+        stats = stats_from_spans(read_otlp_jsonl(args.file))
+    except (ValueError, KeyError) as error:
+        raise TracedOffloadError(f"file={str(args.file)!r} is not an OTLP JSON-lines trace file: {error}") from None
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(stats_table(stats))
+        print(slowest_tokens(stats, args.slowest))
+    return 0

@@ -1,0 +1,63 @@
+"""Fault injection: real leaks on real allocations, so leak detection is proven, not assumed.
+
+- "host" reproduces seed 003's leak: every transfer makes a fresh pinned copy of the layer's host
+  buffer and keeps it (a plain host copy where pinning is unavailable, e.g. without CUDA).
+- "device" keeps one tensor per token on the compute device (in host memory on a CPU device).
+
+Injected as a `Timeline` wrapper, the outermost one, so it sees every transfer and step end.
+Never use outside a test or a drill: the memory is only given back by `release()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tracedoffload._exceptions import ConfigError
+from tracedoffload.offloader import Offloader
+from tracedoffload.timeline import TRANSFER, LayerRecord, Timeline
+
+LEAK_KINDS = ("host", "device")
+DEVICE_LEAK_BYTES_PER_TOKEN = 2 << 20
+
+
+class LeakInjector(Timeline):
+    """Forwards every boundary to `inner` after leaking on purpose."""
+
+    def __init__(self, inner: Timeline, offloader: Offloader, kind: str, device_bytes_per_token: int = DEVICE_LEAK_BYTES_PER_TOKEN) -> None:
+        if kind not in LEAK_KINDS:
+            raise ConfigError("inject_leak", kind, f"one of {list(LEAK_KINDS)}")
+        self.inner = inner
+        self.offloader = offloader
+        self.kind = kind
+        self.device_bytes_per_token = device_bytes_per_token
+        self._pin = torch.cuda.is_available()
+        self.kept: list[torch.Tensor] = []
+
+    @property
+    def leaked_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kept)
+
+    def step_begin(self, marker: object) -> None:
+        self.inner.step_begin(marker)
+
+    def layer(self, record: LayerRecord) -> None:
+        if self.kind == "host" and record.kind == TRANSFER:
+            source = self.offloader.host_buffer(record.layer_index)
+            self.kept.append(source.pin_memory() if self._pin else source.clone())
+        self.inner.layer(record)
+
+    def step_end(self, marker: object) -> None:
+        if self.kind == "device":
+            # Filled, not just allocated: untouched pages would not count in RSS on a CPU device.
+            self.kept.append(torch.ones(self.device_bytes_per_token, dtype=torch.uint8, device=self.offloader.device))
+        self.inner.step_end(marker)
+
+    def release(self) -> None:
+        self.kept.clear()
+
+
+def inject_leak(offloader: Offloader, kind: str) -> LeakInjector:
+    """Wrap `offloader`'s current timeline in a `LeakInjector` (attach tracing first)."""
+    injector = LeakInjector(offloader.timeline, offloader, kind)
+    offloader.timeline = injector
+    return injector

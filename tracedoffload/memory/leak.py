@@ -1,0 +1,128 @@
+"""Telling a leak from expected growth.
+
+Memory legitimately grows during a generation: the KV cache gains `kv_bytes_per_token` every
+token, and allocators grab memory in steps and then plateau. So the detector judges the *excess*
+over the expected KV growth, at quiet points (end of each step, every offloaded layer released),
+and asks two questions of the last `window_tokens` tokens:
+
+1. does the low point keep rising? (the window is cut into `segments`; each segment's minimum must
+   exceed the previous one's: allocator steps and plateaus fail this, a leak passes it);
+2. is the rise large and steady? (total rise >= `min_rise_bytes` and least-squares slope >=
+   `min_bytes_per_token`).
+
+Across generations the same question is asked of the quiet point at each generation's start,
+when no KV cache is held: a start-of-generation low point rising over `generations_window`
+generations by `min_rise_bytes_across_generations` is a leak that survives between requests.
+The first `warmup_tokens` of every generation are not judged (first-touch allocations).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+
+from tracedoffload._exceptions import ConfigError
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LeakPolicy:
+    window_tokens: int = 24
+    segments: int = 4
+    warmup_tokens: int = 4
+    min_rise_bytes: int = 8 * MiB
+    min_bytes_per_token: int = 256 * 1024
+    generations_window: int = 8
+    min_rise_bytes_across_generations: int = 64 * MiB
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(field.name, value, "an integer >= 0")
+        if self.segments < 2 or self.window_tokens < 2 * self.segments:
+            raise ConfigError("window_tokens", self.window_tokens, f"at least 2 x segments ({2 * self.segments}), with segments >= 2")
+        if self.generations_window < 3:
+            raise ConfigError("generations_window", self.generations_window, "an integer >= 3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeakAlert:
+    """A suspected leak: where, how fast, and how it was seen."""
+
+    source: str  # "host" or "device"
+    bytes_per_token: float  # estimated leak rate (per generation when scope is "generations")
+    excess_bytes: int  # rise of the low point over the window, beyond expected growth
+    token_index: int  # the token at which it was detected (-1 across generations)
+    scope: str  # "tokens" (within a generation) or "generations"
+
+
+class LeakDetector:
+    """Judges quiet-point readings of one memory source. Used from one thread (the telemetry one)."""
+
+    def __init__(self, source: str, kv_bytes_per_token: int, policy: LeakPolicy | None = None, on_alert: Callable[[LeakAlert], None] | None = None) -> None:
+        self.source = source
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.policy = policy or LeakPolicy()
+        self._on_alert = on_alert
+        self._window: collections.deque[tuple[int, int]] = collections.deque(maxlen=self.policy.window_tokens)
+        self._generation_starts: collections.deque[int] = collections.deque(maxlen=self.policy.generations_window)
+        self.suspected: LeakAlert | None = None
+
+    def begin_generation(self, idle_bytes: int | None) -> LeakAlert | None:
+        """A generation starts; `idle_bytes` is the reading before its prefill (no KV cache held)."""
+        self._window.clear()
+        if self.suspected is not None and self.suspected.scope == "tokens":
+            self.suspected = None  # judged again on this generation's own tokens
+        if idle_bytes is None:
+            return None
+        self._generation_starts.append(idle_bytes)
+        starts = list(self._generation_starts)
+        if len(starts) < self.policy.generations_window:
+            return None
+        rising = all(b > a for a, b in zip(starts, starts[1:]))
+        rise = starts[-1] - starts[0]
+        if rising and rise >= self.policy.min_rise_bytes_across_generations:
+            return self._raise(LeakAlert(self.source, rise / (len(starts) - 1), rise, -1, "generations"))
+        if self.suspected is not None and self.suspected.scope == "generations" and not rising:
+            self.suspected = None
+        return None
+
+    def observe(self, token_index: int, quiet_bytes: int | None) -> LeakAlert | None:
+        """Judge the quiet point after step `token_index` of the current generation."""
+        if quiet_bytes is None or token_index < self.policy.warmup_tokens:
+            return None
+        excess = quiet_bytes - self.kv_bytes_per_token * token_index
+        self._window.append((token_index, excess))
+        if len(self._window) < self.policy.window_tokens:
+            return None
+        points = list(self._window)
+        size = len(points) // self.policy.segments
+        lows = [min(e for _, e in points[i * size : (i + 1) * size]) for i in range(self.policy.segments)]
+        rising = all(b > a for a, b in zip(lows, lows[1:]))
+        rise = lows[-1] - lows[0]
+        slope = _slope(points)
+        if rising and rise >= self.policy.min_rise_bytes and slope >= self.policy.min_bytes_per_token:
+            if self.suspected is None:
+                return self._raise(LeakAlert(self.source, slope, rise, token_index, "tokens"))
+            return None
+        if self.suspected is not None and self.suspected.scope == "tokens":
+            self.suspected = None
+        return None
+
+    def _raise(self, alert: LeakAlert) -> LeakAlert:
+        self.suspected = alert
+        if self._on_alert is not None:
+            self._on_alert(alert)
+        return alert
+
+
+def _slope(points: list[tuple[int, int]]) -> float:
+    """Least-squares slope of excess bytes over token index."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var if var else 0.0

@@ -1,0 +1,190 @@
+"""Metrics: each token's figures recorded to OpenTelemetry instruments (exported over OTLP when a
+reader is configured) and to a Prometheus registry (served on /metrics, with exemplars).
+
+Two sinks because each does what the other cannot here: the OTel SDK exports OTLP metrics, and
+prometheus_client exposes exemplars carrying the token's trace id in the OpenMetrics format, so a
+Grafana panel jumps from a slow point to its trace. Names come from `metric_names`.
+Threading: recorded from the telemetry thread; the HTTP server runs on its own daemon thread.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from tracedoffload import metric_names as mn
+from tracedoffload._exceptions import ConfigError
+from tracedoffload.memory.leak import LeakAlert
+from tracedoffload.memory.probe import MemoryDetails, QuietPoint
+from tracedoffload.timeline import COMPUTE, TRANSFER
+
+# Layer operations take tens of microseconds to tens of milliseconds: buckets start below 100 us
+# (the Collector's spanmetrics default starts at 2 ms and would put every layer in one bucket).
+LAYER_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3)
+TOKEN_BUCKETS_S = (5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0)
+REQUEST_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class OffloadMetrics:
+    """The metric instruments of one model.
+
+    Args:
+        model: the model name, a label on every series.
+        registry: the Prometheus registry to register in (default: prometheus_client's global one).
+        meter_provider: where OpenTelemetry instruments come from (default: the global provider).
+    """
+
+    def __init__(self, model: str, *, registry: CollectorRegistry | None = None, meter_provider: MeterProvider | None = None) -> None:
+        self.model = model
+        self.registry = registry if registry is not None else REGISTRY
+        meter = (meter_provider or _global_meter_provider()).get_meter("tracedoffload")
+        phase_labels = [mn.LABEL_MODEL, mn.LABEL_PHASE]
+        self._prom: dict[str, Any] = {}
+        self._otel: dict[str, Any] = {}
+        for name, labels, buckets in (
+            (mn.TOKEN_LATENCY, phase_labels, TOKEN_BUCKETS_S),
+            (mn.TIME_TO_FIRST_TOKEN, [mn.LABEL_MODEL], TOKEN_BUCKETS_S),
+            (mn.TIME_PER_OUTPUT_TOKEN, [mn.LABEL_MODEL], TOKEN_BUCKETS_S),
+            (mn.REQUEST_DURATION, [mn.LABEL_MODEL], REQUEST_BUCKETS_S),
+            (mn.LAYER_TRANSFER, [mn.LABEL_MODEL], LAYER_BUCKETS_S),
+            (mn.LAYER_COMPUTE, [mn.LABEL_MODEL], LAYER_BUCKETS_S),
+        ):
+            self._prom[name.otel] = Histogram(name.prometheus, name.description, labels, buckets=buckets, registry=self.registry)
+            self._otel[name.otel] = meter.create_histogram(name.otel, unit=name.unit, description=name.description, explicit_bucket_boundaries_advisory=buckets)
+        for name in (mn.BYTES_COPIED, mn.TOKENS, mn.SPANS_DROPPED, mn.ALLOC_RETRIES, mn.OOMS):
+            self._prom[name.otel] = Counter(name.prometheus.removesuffix("_total"), name.description, [mn.LABEL_MODEL], registry=self.registry)
+            self._otel[name.otel] = meter.create_counter(name.otel, unit=name.unit, description=name.description)
+            # Exposed at 0 from the start, so increase() has a first sample to measure from.
+            self._prom[name.otel].labels(model=model)
+        for name, labels in (
+            (mn.GPU_MEMORY_USAGE, [mn.LABEL_MODEL, mn.LABEL_DEVICE]),
+            (mn.GPU_MEMORY_LIMIT, [mn.LABEL_MODEL, mn.LABEL_DEVICE]),
+            (mn.GPU_PROCESS_MEMORY, [mn.LABEL_MODEL, mn.LABEL_DEVICE]),
+            (mn.CUDA_ALLOCATED, [mn.LABEL_MODEL]),
+            (mn.CUDA_RESERVED, [mn.LABEL_MODEL]),
+            (mn.CUDA_PEAK, [mn.LABEL_MODEL]),
+            (mn.PROCESS_RSS, [mn.LABEL_MODEL]),
+            (mn.PINNED_HOST, [mn.LABEL_MODEL]),
+            (mn.QUIET_POINT, [mn.LABEL_MODEL, mn.LABEL_SOURCE]),
+            (mn.LEAK_SUSPECTED, [mn.LABEL_MODEL, mn.LABEL_SOURCE]),
+            (mn.LEAK_BYTES_PER_TOKEN, [mn.LABEL_MODEL, mn.LABEL_SOURCE]),
+            (mn.KV_EXPECTED, [mn.LABEL_MODEL]),
+        ):
+            self._prom[name.otel] = Gauge(name.prometheus, name.description, labels, registry=self.registry)
+            self._otel[name.otel] = meter.create_gauge(name.otel, unit=name.unit, description=name.description)
+        self._last_counts: dict[str, int] = {}
+
+    # -- recording (telemetry thread) -------------------------------------------------------------
+
+    def token(self, duration_ns: int, phase: str, trace_id: int, span_id: int, records: list[Any], transfer_bytes: int) -> None:
+        """One token: its latency (with the trace id as exemplar), its layers, its bytes."""
+        seconds = duration_ns / 1e9
+        exemplar = {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}
+        ctx = otel_context.Context() if not trace_id else trace.set_span_in_context(
+            NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+        )
+        self._observe(mn.TOKEN_LATENCY, seconds, {mn.LABEL_PHASE: phase}, exemplar, ctx)
+        self._observe(mn.TIME_TO_FIRST_TOKEN if phase == "prefill" else mn.TIME_PER_OUTPUT_TOKEN, seconds, {}, exemplar, ctx)
+        transfer_hist, compute_hist = self._prom[mn.LAYER_TRANSFER.otel].labels(self.model), self._prom[mn.LAYER_COMPUTE.otel].labels(self.model)
+        otel_transfer, otel_compute = self._otel[mn.LAYER_TRANSFER.otel], self._otel[mn.LAYER_COMPUTE.otel]
+        attributes = {mn.LABEL_MODEL: self.model}
+        for record in records:
+            if record.kind == TRANSFER:
+                value = (record.end_ns - record.start_ns) / 1e9
+                transfer_hist.observe(value)
+                otel_transfer.record(value, attributes)
+            elif record.kind == COMPUTE:
+                value = (record.end_ns - record.start_ns) / 1e9
+                compute_hist.observe(value)
+                otel_compute.record(value, attributes)
+        self._add(mn.BYTES_COPIED, transfer_bytes)
+        self._add(mn.TOKENS, 1)
+
+    def generation(self, duration_s: float) -> None:
+        self._observe(mn.REQUEST_DURATION, duration_s, {}, None, None)
+
+    def memory(self, quiet: QuietPoint | None, details: MemoryDetails | None, pinned_bytes: int, device: str) -> None:
+        """Gauges for what was read; absent readings leave their series unset (never a fake 0)."""
+        self._set(mn.PINNED_HOST, pinned_bytes)
+        if quiet is not None:
+            if quiet.host_rss_bytes is not None:
+                self._set(mn.PROCESS_RSS, quiet.host_rss_bytes)
+                self._set(mn.QUIET_POINT, quiet.host_rss_bytes, {mn.LABEL_SOURCE: "host"})
+            if quiet.device_allocated_bytes is not None:
+                self._set(mn.CUDA_ALLOCATED, quiet.device_allocated_bytes)
+                self._set(mn.QUIET_POINT, quiet.device_allocated_bytes, {mn.LABEL_SOURCE: "device"})
+        if details is None:
+            return
+        for name, value in ((mn.CUDA_RESERVED, details.device_reserved_bytes), (mn.CUDA_PEAK, details.device_peak_bytes)):
+            if value is not None:
+                self._set(name, value)
+        for name, value in ((mn.GPU_MEMORY_USAGE, details.nvml_used_bytes), (mn.GPU_MEMORY_LIMIT, details.nvml_total_bytes), (mn.GPU_PROCESS_MEMORY, details.nvml_process_bytes)):
+            if value is not None:
+                self._set(name, value, {mn.LABEL_DEVICE: device})
+        for name, total in ((mn.ALLOC_RETRIES, details.alloc_retries), (mn.OOMS, details.ooms)):
+            if total is not None:
+                self._add_to_total(name, total)
+
+    def leak(self, source: str, alert: LeakAlert | None) -> None:
+        """The detector's state for one source: suspected (1) with its rate, or clear (0)."""
+        self._set(mn.LEAK_SUSPECTED, 1 if alert else 0, {mn.LABEL_SOURCE: source})
+        self._set(mn.LEAK_BYTES_PER_TOKEN, alert.bytes_per_token if alert else 0, {mn.LABEL_SOURCE: source})
+
+    def expected_kv(self, bytes_per_token: int) -> None:
+        self._set(mn.KV_EXPECTED, bytes_per_token)
+
+    def spans_dropped(self, total: int) -> None:
+        self._add_to_total(mn.SPANS_DROPPED, total)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _observe(self, name: mn.MetricName, value: float, labels: dict[str, str], exemplar: dict[str, str] | None, ctx: Any) -> None:
+        self._prom[name.otel].labels(model=self.model, **labels).observe(value, exemplar)
+        self._otel[name.otel].record(value, {mn.LABEL_MODEL: self.model, **labels}, context=ctx)
+
+    def _set(self, name: mn.MetricName, value: float, labels: dict[str, str] | None = None) -> None:
+        labels = labels or {}
+        self._prom[name.otel].labels(model=self.model, **labels).set(value)
+        self._otel[name.otel].set(value, {mn.LABEL_MODEL: self.model, **labels})
+
+    def _add(self, name: mn.MetricName, amount: int) -> None:
+        if amount:
+            self._prom[name.otel].labels(model=self.model).inc(amount)
+            self._otel[name.otel].add(amount, {mn.LABEL_MODEL: self.model})
+
+    def _add_to_total(self, name: mn.MetricName, total: int) -> None:
+        """Counters fed from a running total (allocator counts, dropped spans): add the increase."""
+        increase = total - self._last_counts.get(name.otel, 0)
+        self._last_counts[name.otel] = total
+        if increase > 0:
+            self._add(name, increase)
+
+
+def check_port_free(port: int, addr: str) -> None:
+    """Fail early, before any model work, when the metrics port cannot be bound."""
+    if not 0 <= port <= 65535:
+        raise ConfigError("metrics_port", port, "a TCP port from 1 to 65535, or 0 for any free port")
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as probe:
+        try:
+            probe.bind((addr, port))
+        except OSError as error:
+            raise ConfigError("metrics_port", port, f"a port free on {addr} ({error.strerror}); choose another or 0 for any free port") from None
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> tuple[Any, int]:
+    """Serve `registry` on http://addr:port/metrics from a daemon thread; returns (server, port)."""
+    check_port_free(port, addr)
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server, server.server_port
+
+
+def _global_meter_provider() -> MeterProvider:
+    from opentelemetry import metrics
+
+    return metrics.get_meter_provider()

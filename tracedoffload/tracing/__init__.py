@@ -1,0 +1,1 @@
+"""The tracing core: every layer transfer, compute and release as an OpenTelemetry span."""
