@@ -50,6 +50,22 @@ TOKEN_WAIT_NS = "token.wait_ns"
 TOKEN_OVERLAP_NS = "token.overlap_ns"
 TOKEN_TRANSFER_BYTES = "token.transfer_bytes"
 TOKEN_TRANSFERS = "token.transfers"
+# Per-layer figures of the token, as integer arrays indexed by layer index, so the per-layer
+# breakdown is complete even for tokens whose layer spans were not exported.
+TOKEN_LAYERS_COMPUTE_NS = "token.layers.compute_ns"
+TOKEN_LAYERS_TRANSFER_NS = "token.layers.transfer_ns"
+TOKEN_LAYERS_RELEASE_NS = "token.layers.release_ns"
+TOKEN_LAYERS_WAIT_NS = "token.layers.wait_ns"
+TOKEN_LAYERS_OVERLAP_NS = "token.layers.overlap_ns"
+TOKEN_LAYERS_TRANSFER_BYTES = "token.layers.transfer_bytes"
+TOKEN_LAYER_ARRAYS = (
+    TOKEN_LAYERS_COMPUTE_NS,
+    TOKEN_LAYERS_TRANSFER_NS,
+    TOKEN_LAYERS_RELEASE_NS,
+    TOKEN_LAYERS_WAIT_NS,
+    TOKEN_LAYERS_OVERLAP_NS,
+    TOKEN_LAYERS_TRANSFER_BYTES,
+)
 
 # -- layer spans ----------------------------------------------------------------------------------------
 LAYER_INDEX = "layer.index"

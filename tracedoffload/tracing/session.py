@@ -28,7 +28,7 @@ from opentelemetry.trace import Span
 from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import Timeline
 from tracedoffload.tracing import names
-from tracedoffload.tracing.clock import clock_for
+from tracedoffload.tracing.clock import HostClock, clock_for
 from tracedoffload.tracing.export import ExportFanout, ExportSettings
 from tracedoffload.tracing.recorder import GenerationInfo, StepPayload, TracingTimeline
 from tracedoffload.tracing.sampling import SamplingPolicy, TailSampler
@@ -111,7 +111,7 @@ class TracingSession:
         streams = offloader.streams
         self._clock = clock_for(offloader.device)
         offload_attributes = offload_span_attributes(offloader)
-        self._timer = TokenTimer(self._clock.resolve)
+        self._timer = TokenTimer(self._clock.resolve, len(offloader.layers), host_clock=isinstance(self._clock, HostClock))
         self._factory = SpanFactory(self.provider.resource, self._scope, (streams.copy_stream_name, streams.compute_stream_name), offload_attributes)
         quiet_point = self.monitor.quiet_point if self.monitor is not None else None
         self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes, quiet_point)
@@ -214,7 +214,7 @@ class TracingSession:
 
     def _handle_step(self, payload: StepPayload) -> None:
         timing = self._timer.time(payload)
-        if self._offloader is not None:
+        if self._offloader is not None and self._offloader.streams.kind == "cuda":
             self._offloader.streams.recycle(_markers(payload))
         level = self.policy.level
         sampled_by = self._sampler.decide(payload.token_index, timing.duration_ns) if level == "layer" else None
@@ -234,14 +234,15 @@ class TracingSession:
                 trace_id=f"{payload.trace_id:032x}",
                 span_id=f"{payload.span_id:016x}",
             )
-        layer_spans = self._factory.layer_spans(timing, token_span)
+        # Layer spans are made only for tokens whose detail leaves the process: the statistics read
+        # the token span, which carries every layer's figures.
+        layer_spans = self._factory.layer_spans(timing, token_span) if sampled_by is not None else []
         for span in layer_spans:
             self._stats_processor.on_end(span)
         self._stats_processor.on_end(token_span)
         if level in ("token", "layer"):
-            if sampled_by is not None:
-                for span in layer_spans:
-                    self._fanout.on_end(span)
+            for span in layer_spans:
+                self._fanout.on_end(span)
             self._fanout.on_end(token_span)
         for listener in self._listeners:
             listener(timing, self.stats)

@@ -1,8 +1,10 @@
 """Offloading statistics aggregated from spans: live (a span processor) or from an exported file.
 
-Totals come from the `token` spans' per-token sums (so they hold when layer spans are sampled
-out of an export); the per-layer breakdown comes from the layer spans that are present. Nothing
-here is measured or estimated on its own: every figure is a sum, ratio or percentile of span data.
+Everything comes from the `token` spans: their per-token sums and per-layer arrays are computed
+from the same resolved times as the token's layer spans, so the numbers are complete when layer
+spans are sampled out of an export, and a file gives the same numbers as the live run. Layer
+spans are for drilling into one token in a tracing UI; counting them again here would double
+count. Nothing here is measured or estimated on its own: every figure is a sum, ratio or percentile of span data.
 The schema keeps the seeds' fields (`enabled` ... `vram_saved_gb`) and adds latency percentiles,
 the per-layer breakdown and measured overlap.
 """
@@ -11,10 +13,12 @@ from __future__ import annotations
 
 import collections
 import heapq
+import operator
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import structlog
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
@@ -30,9 +34,17 @@ _TOKEN_SUMS = (
     names.TOKEN_TRANSFER_BYTES,
     names.TOKEN_TRANSFERS,
 )
-_LAYER_FIELDS = {names.SPAN_COMPUTE: "compute", names.SPAN_TRANSFER: "transfer", names.SPAN_RELEASE: "release"}
+_LAYER_FIELDS = {
+    names.TOKEN_LAYERS_COMPUTE_NS: "compute_ns",
+    names.TOKEN_LAYERS_TRANSFER_NS: "transfer_ns",
+    names.TOKEN_LAYERS_RELEASE_NS: "release_ns",
+    names.TOKEN_LAYERS_WAIT_NS: "wait_ns",
+    names.TOKEN_LAYERS_OVERLAP_NS: "overlap_ns",
+    names.TOKEN_LAYERS_TRANSFER_BYTES: "bytes",
+}
 PERCENTILES = (50, 90, 95, 99)
 SLOWEST_KEPT = 10
+log = structlog.get_logger("tracedoffload.tracing")
 
 
 class OffloadStats:
@@ -43,7 +55,7 @@ class OffloadStats:
         self._totals = dict.fromkeys(_TOKEN_SUMS, 0)
         self._latencies: collections.deque[int] = collections.deque(maxlen=max_token_latencies)
         self._slowest: list[tuple[int, int, str, int, str]] = []  # min-heap of (ns, index, phase, trace id, generation)
-        self._layers: dict[int, dict[str, int]] = {}
+        self._layers: dict[str, list[int]] = {field: [] for field in (*_LAYER_FIELDS.values(), "computes", "transfers")}
         self._offload: dict[str, Any] = {}
         self._tokens = 0
         self._decode_tokens = 0
@@ -54,8 +66,6 @@ class OffloadStats:
         with self._lock:
             if name == names.SPAN_TOKEN:
                 self._add_token(end_ns - start_ns, attributes, trace_id)
-            elif name in _LAYER_FIELDS:
-                self._add_layer(_LAYER_FIELDS[name], end_ns - start_ns, attributes)
             elif attributes.get(names.GEN_AI_OPERATION_NAME) is not None:
                 self._generations += 1
 
@@ -78,25 +88,27 @@ class OffloadStats:
         for key in (names.OFFLOAD_GPU_LAYERS, names.OFFLOAD_CPU_LAYERS, names.OFFLOAD_OFFLOADED_BYTES, names.OFFLOAD_DEVICE_POOL_BYTES, names.OFFLOAD_PINNED_BYTES):
             if key in attributes:
                 self._offload[key] = attributes[key]
+        self._add_layers(attributes)
         entry = (duration_ns, int(attributes.get(names.TOKEN_INDEX, -1)), str(attributes.get(names.TOKEN_PHASE, "")), trace_id, str(attributes.get(names.GENERATION_ID, "")))
         if len(self._slowest) < SLOWEST_KEPT:
             heapq.heappush(self._slowest, entry)
         elif entry > self._slowest[0]:
             heapq.heapreplace(self._slowest, entry)
 
-    def _add_layer(self, field: str, duration_ns: int, attributes: Mapping[str, Any]) -> None:
-        index = int(attributes.get(names.LAYER_INDEX, -1))
-        layer = self._layers.get(index)
-        if layer is None:
-            layer = self._layers[index] = collections.defaultdict(int)
-        layer[f"{field}_ns"] += duration_ns
-        layer[f"{field}_count"] += 1
-        if field == "compute":
-            layer["wait_ns"] += int(attributes.get(names.LAYER_WAIT_NS, 0))
-            layer["offloaded"] = int(bool(attributes.get(names.LAYER_OFFLOADED)))
-        elif field == "transfer":
-            layer["bytes"] += int(attributes.get(names.LAYER_BYTES, 0))
-            layer["overlap_ns"] += int(attributes.get(names.LAYER_OVERLAP_NS, 0))
+    def _add_layers(self, attributes: Mapping[str, Any]) -> None:
+        layers = self._layers
+        for key, field in _LAYER_FIELDS.items():
+            values = attributes.get(key)
+            if values is None:
+                continue
+            totals = layers[field]
+            if len(totals) < len(values):
+                for column in layers.values():
+                    column.extend([0] * (len(values) - len(column)))
+            totals[: len(values)] = map(operator.add, totals, values)
+            if field in ("compute_ns", "bytes"):
+                counts = layers["computes" if field == "compute_ns" else "transfers"]
+                counts[: len(values)] = map(operator.add, counts, map(bool, values))
 
     def snapshot(self, dropped_spans: int = 0) -> dict[str, Any]:
         """The metrics dict. Empty-run safe: with no tokens, `enabled` says so and figures are None."""
@@ -155,7 +167,7 @@ def _build_snapshot(stats: OffloadStats, dropped_spans: int) -> dict[str, Any]:
         "device_pool_bytes": pool_bytes,
         "pinned_bytes": stats._offload.get(names.OFFLOAD_PINNED_BYTES, 0),
         "layer_detail_tokens": stats._layer_detail_tokens,
-        "per_layer": {index: _layer_row(row) for index, row in sorted(stats._layers.items())},
+        "per_layer": {index: _layer_row({field: column[index] for field, column in stats._layers.items()}) for index in range(len(stats._layers["compute_ns"]))},
         "slowest_tokens": [
             {"ms": _ms(ns), "token_index": index, "phase": phase, "trace_id": f"{trace_id:032x}", "generation_id": generation}
             for ns, index, phase, trace_id, generation in sorted(stats._slowest, reverse=True)
@@ -165,19 +177,18 @@ def _build_snapshot(stats: OffloadStats, dropped_spans: int) -> dict[str, Any]:
 
 
 def _layer_row(row: Mapping[str, int]) -> dict[str, Any]:
-    computes = row.get("compute_count", 0)
-    transfer_ns = row.get("transfer_ns", 0)
+    computes = row["computes"]
     return {
-        "offloaded": bool(row.get("offloaded", 0) or row.get("transfer_count", 0)),
+        "offloaded": row["transfers"] > 0,
         "computes": computes,
-        "compute_ms": _ms(row.get("compute_ns", 0)),
-        "avg_compute_ms": _ms(row.get("compute_ns", 0) / computes) if computes else 0.0,
-        "transfers": row.get("transfer_count", 0),
-        "transfer_ms": _ms(transfer_ns),
-        "release_ms": _ms(row.get("release_ns", 0)),
-        "wait_ms": _ms(row.get("wait_ns", 0)),
-        "bytes": row.get("bytes", 0),
-        "overlap_efficiency": round(row.get("overlap_ns", 0) / transfer_ns, 4) if transfer_ns else 0.0,
+        "compute_ms": _ms(row["compute_ns"]),
+        "avg_compute_ms": _ms(row["compute_ns"] / computes) if computes else 0.0,
+        "transfers": row["transfers"],  # tokens in which the layer was copied in
+        "transfer_ms": _ms(row["transfer_ns"]),
+        "release_ms": _ms(row["release_ns"]),
+        "wait_ms": _ms(row["wait_ns"]),
+        "bytes": row["bytes"],
+        "overlap_efficiency": round(row["overlap_ns"] / row["transfer_ns"], 4) if row["transfer_ns"] else 0.0,
     }
 
 
@@ -204,15 +215,20 @@ class StatsSpanProcessor(SpanProcessor):
 
     def __init__(self, stats: OffloadStats) -> None:
         self.stats = stats
+        self.errors = 0
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
 
     def on_end(self, span: ReadableSpan) -> None:
+        if span.name in names.LAYER_SPANS:
+            return  # their figures are on the token span already
         try:
             self.stats.add(span.name, span.start_time or 0, span.end_time or 0, span.attributes or {}, span.context.trace_id)
-        except Exception:  # noqa: BLE001 - statistics must never take the telemetry path down
-            pass
+        except Exception as error:  # noqa: BLE001 - statistics must never take the telemetry path down
+            self.errors += 1
+            if self.errors == 1:
+                log.error("stats.span_rejected", span=span.name, error=repr(error))
 
     def shutdown(self) -> None:
         pass

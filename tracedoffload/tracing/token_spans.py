@@ -9,6 +9,7 @@ much per span, and these spans are already finished when they are made.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -26,26 +27,18 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _LAYER_SPAN_NAMES = {TRANSFER: names.SPAN_TRANSFER, COMPUTE: names.SPAN_COMPUTE, RELEASE: names.SPAN_RELEASE}
 
 
-class ResolvedRecord(NamedTuple):
-    kind: str
-    layer_index: int
-    start_ns: int
-    end_ns: int
-    nbytes: int
-    slot: int
-    prefetched: bool
-
-
 class TokenTiming(NamedTuple):
-    """A step with every marker resolved to wall-clock ns, and the per-token sums."""
+    """A step with every marker resolved to wall-clock ns, and the per-token figures."""
 
     payload: StepPayload
     start_ns: int
     end_ns: int
-    records: list[ResolvedRecord]
-    wait_ns: dict[int, int]  # per computed offloaded layer: time it waited for its own copy
-    overlap_ns: list[int]  # per record (0 unless transfer): time it ran beside a compute
-    sums: dict[str, int]
+    starts: list[int]  # per record of payload.records
+    ends: list[int]
+    wait_ns: dict[int, int]  # per record index of an offloaded compute: time it waited for its copy
+    overlap_ns: dict[int, int]  # per record index of a transfer: time it ran beside a compute
+    sums: dict[str, int]  # the TOKEN_*_NS totals
+    layers: dict[str, list[int]]  # the TOKEN_LAYERS_* arrays, indexed by layer index
 
     @property
     def duration_ns(self) -> int:
@@ -54,47 +47,94 @@ class TokenTiming(NamedTuple):
 
 class TokenTimer:
     """Resolves markers and derives waits and overlaps. Keeps the last copy end per layer, since a
-    layer's copy may be issued in the step before the one that computes it (wrap-around prefetch)."""
+    layer's copy may be issued in the step before the one that computes it (wrap-around prefetch).
+    Used from the telemetry thread only; runs once per token, so it is written as one flat pass.
 
-    def __init__(self, resolve: Callable[[Any, Any], int]) -> None:
+    Args:
+        resolve: `clock.resolve(anchor, marker) -> wall ns`.
+        num_layers: length of the per-layer arrays.
+        host_clock: markers are host-clock ns and the anchor an offset (skips a call per marker).
+    """
+
+    def __init__(self, resolve: Callable[[Any, Any], int], num_layers: int, host_clock: bool = False) -> None:
         self._resolve = resolve
+        self._num_layers = num_layers
+        self._host_clock = host_clock
         self._last_copy_end: dict[int, int] = {}
 
     def time(self, payload: StepPayload) -> TokenTiming:
-        resolve, anchor = self._resolve, payload.anchor
-        records = [
-            ResolvedRecord(r.kind, r.layer_index, resolve(anchor, r.start), resolve(anchor, r.end), r.nbytes, r.slot, r.prefetched)
-            for r in payload.records
-        ]
-        start_ns, end_ns = resolve(anchor, payload.start), resolve(anchor, payload.end)
-        computes = sorted((r.start_ns, r.end_ns) for r in records if r.kind == COMPUTE)
+        records = payload.records
+        anchor = payload.anchor
+        if self._host_clock:
+            starts = [r.start + anchor for r in records]
+            ends = [r.end + anchor for r in records]
+            start_ns, end_ns = payload.start + anchor, payload.end + anchor
+        else:
+            resolve = self._resolve
+            starts = [resolve(anchor, r.start) for r in records]
+            ends = [resolve(anchor, r.end) for r in records]
+            start_ns, end_ns = resolve(anchor, payload.start), resolve(anchor, payload.end)
+        n = max(self._num_layers, 1 + max((r.layer_index for r in records), default=-1))
+        compute, transfer, release, wait, overlap, nbytes = ([0] * n for _ in range(6))
+        compute_positions = [i for i, r in enumerate(records) if r.kind == COMPUTE]  # in order, one at a time
+        compute_starts = [starts[i] for i in compute_positions]
+        compute_ends = [ends[i] for i in compute_positions]
         wait_ns: dict[int, int] = {}
-        overlap_ns = [0] * len(records)
-        sums = dict.fromkeys((names.TOKEN_COMPUTE_NS, names.TOKEN_TRANSFER_NS, names.TOKEN_RELEASE_NS, names.TOKEN_WAIT_NS, names.TOKEN_OVERLAP_NS, names.TOKEN_TRANSFER_BYTES, names.TOKEN_TRANSFERS), 0)
+        overlap_ns: dict[int, int] = {}
+        last_copy_end = self._last_copy_end
         previous_compute_end = start_ns
-        for n, record in enumerate(records):
-            duration = record.end_ns - record.start_ns
-            if record.kind == TRANSFER:
-                self._last_copy_end[record.layer_index] = record.end_ns
-                overlap = sum(max(0, min(record.end_ns, c_end) - max(record.start_ns, c_start)) for c_start, c_end in computes)
-                overlap_ns[n] = overlap
-                sums[names.TOKEN_TRANSFER_NS] += duration
-                sums[names.TOKEN_OVERLAP_NS] += overlap
-                sums[names.TOKEN_TRANSFER_BYTES] += record.nbytes
-                sums[names.TOKEN_TRANSFERS] += 1
-            elif record.kind == COMPUTE:
-                sums[names.TOKEN_COMPUTE_NS] += duration
+        for position, record in enumerate(records):
+            layer = record.layer_index
+            begin, finish = starts[position], ends[position]
+            kind = record.kind
+            if kind == COMPUTE:
+                compute[layer] += finish - begin
                 if record.slot >= 0:
-                    copy_end = self._last_copy_end.get(record.layer_index, previous_compute_end)
+                    copy_end = last_copy_end.get(layer, previous_compute_end)
                     # The compute stream sat idle from the previous compute's end until this copy
                     # landed (or until the compute began, if that came first).
-                    wait = max(0, min(copy_end, record.start_ns) - previous_compute_end)
-                    wait_ns[n] = wait
-                    sums[names.TOKEN_WAIT_NS] += wait
-                previous_compute_end = record.end_ns
+                    waited = max(0, min(copy_end, begin) - previous_compute_end)
+                    wait_ns[position] = waited
+                    wait[layer] += waited
+                previous_compute_end = finish
+            elif kind == TRANSFER:
+                last_copy_end[layer] = finish
+                hidden = _overlap(begin, finish, compute_starts, compute_ends)
+                overlap_ns[position] = hidden
+                transfer[layer] += finish - begin
+                overlap[layer] += hidden
+                nbytes[layer] += record.nbytes
             else:
-                sums[names.TOKEN_RELEASE_NS] += duration
-        return TokenTiming(payload, start_ns, end_ns, records, wait_ns, overlap_ns, sums)
+                release[layer] += finish - begin
+        layers = {
+            names.TOKEN_LAYERS_COMPUTE_NS: compute,
+            names.TOKEN_LAYERS_TRANSFER_NS: transfer,
+            names.TOKEN_LAYERS_RELEASE_NS: release,
+            names.TOKEN_LAYERS_WAIT_NS: wait,
+            names.TOKEN_LAYERS_OVERLAP_NS: overlap,
+            names.TOKEN_LAYERS_TRANSFER_BYTES: nbytes,
+        }
+        sums = {
+            names.TOKEN_COMPUTE_NS: sum(compute),
+            names.TOKEN_TRANSFER_NS: sum(transfer),
+            names.TOKEN_RELEASE_NS: sum(release),
+            names.TOKEN_WAIT_NS: sum(wait),
+            names.TOKEN_OVERLAP_NS: sum(overlap),
+            names.TOKEN_TRANSFER_BYTES: sum(nbytes),
+            names.TOKEN_TRANSFERS: len(overlap_ns),
+        }
+        return TokenTiming(payload, start_ns, end_ns, starts, ends, wait_ns, overlap_ns, sums, layers)
+
+
+def _overlap(start: int, end: int, compute_starts: list[int], compute_ends: list[int]) -> int:
+    """Time within [start, end] covered by the (sorted, disjoint) compute intervals."""
+    covered = 0
+    first = bisect.bisect_right(compute_ends, start)
+    for index in range(first, len(compute_starts)):
+        if compute_starts[index] >= end:
+            break
+        covered += min(end, compute_ends[index]) - max(start, compute_starts[index])
+    return covered
 
 
 class SpanFactory:
@@ -116,6 +156,7 @@ class SpanFactory:
             names.TOKEN_SAMPLED_BY: sampled_by or "none",
             **self.offload_attributes,
             **timing.sums,
+            **timing.layers,
             **(extra or {}),
         }
         parent = None
@@ -145,16 +186,17 @@ class SpanFactory:
         parent = token_span.context
         trace_id = parent.trace_id
         spans = []
-        for n, record in enumerate(timing.records):
+        for n, record in enumerate(timing.payload.records):
+            start_ns, end_ns = timing.starts[n], timing.ends[n]
             attributes: dict[str, Any] = {names.LAYER_INDEX: record.layer_index, names.LAYER_OFFLOADED: record.slot >= 0}
             if record.kind == TRANSFER:
-                seconds = (record.end_ns - record.start_ns) / 1e9
+                seconds = (end_ns - start_ns) / 1e9
                 attributes[names.LAYER_BYTES] = record.nbytes
                 attributes[names.LAYER_GBPS] = round(record.nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0
                 attributes[names.LAYER_STREAM] = self.copy_stream
                 attributes[names.LAYER_SLOT] = record.slot
                 attributes[names.LAYER_PREFETCHED] = record.prefetched
-                attributes[names.LAYER_OVERLAP_NS] = timing.overlap_ns[n]
+                attributes[names.LAYER_OVERLAP_NS] = timing.overlap_ns.get(n, 0)
             else:
                 attributes[names.LAYER_STREAM] = self.compute_stream
                 if record.slot >= 0:
@@ -170,8 +212,8 @@ class SpanFactory:
                     parent=parent,
                     resource=self.resource,
                     attributes=attributes,
-                    start_time=record.start_ns,
-                    end_time=record.end_ns,
+                    start_time=start_ns,
+                    end_time=end_ns,
                     instrumentation_scope=self.scope,
                 )
             )
