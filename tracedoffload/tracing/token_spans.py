@@ -188,23 +188,26 @@ class SpanFactory:
         spans = []
         for n, record in enumerate(timing.payload.records):
             start_ns, end_ns = timing.starts[n], timing.ends[n]
-            attributes: dict[str, Any] = {names.LAYER_INDEX: record.layer_index, names.LAYER_OFFLOADED: record.slot >= 0}
+            # Only what varies: stream on transfers (computes and releases are always on the
+            # compute stream), `offloaded` on computes (transfers and releases imply it).
             if record.kind == TRANSFER:
                 seconds = (end_ns - start_ns) / 1e9
-                attributes[names.LAYER_BYTES] = record.nbytes
-                attributes[names.LAYER_GBPS] = round(record.nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0
-                attributes[names.LAYER_STREAM] = self.copy_stream
-                attributes[names.LAYER_SLOT] = record.slot
-                attributes[names.LAYER_PREFETCHED] = record.prefetched
-                attributes[names.LAYER_OVERLAP_NS] = timing.overlap_ns.get(n, 0)
-            else:
-                attributes[names.LAYER_STREAM] = self.compute_stream
+                attributes: dict[str, Any] = {
+                    names.LAYER_INDEX: record.layer_index,
+                    names.LAYER_BYTES: record.nbytes,
+                    names.LAYER_GBPS: round(record.nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0,
+                    names.LAYER_STREAM: self.copy_stream,
+                    names.LAYER_SLOT: record.slot,
+                    names.LAYER_PREFETCHED: record.prefetched,
+                    names.LAYER_OVERLAP_NS: timing.overlap_ns.get(n, 0),
+                }
+            elif record.kind == COMPUTE:
+                attributes = {names.LAYER_INDEX: record.layer_index, names.LAYER_OFFLOADED: record.slot >= 0}
                 if record.slot >= 0:
                     attributes[names.LAYER_SLOT] = record.slot
-                if record.kind == COMPUTE and n in timing.wait_ns:
-                    attributes[names.LAYER_WAIT_NS] = timing.wait_ns[n]
-                if record.kind == RELEASE:
-                    attributes[names.LAYER_BYTES] = record.nbytes
+                    attributes[names.LAYER_WAIT_NS] = timing.wait_ns.get(n, 0)
+            else:
+                attributes = {names.LAYER_INDEX: record.layer_index, names.LAYER_BYTES: record.nbytes, names.LAYER_SLOT: record.slot}
             spans.append(
                 ReadableSpan(
                     name=_LAYER_SPAN_NAMES[record.kind],

@@ -122,6 +122,9 @@ def _attributes(attributes: Mapping[str, Any]) -> str:
             out.append(prefix + '{"intValue":"' + str(value) + '"}}')
         elif kind is bool:
             out.append(prefix + ('{"boolValue":true}}' if value else '{"boolValue":false}}'))
+        elif (kind is list or kind is tuple) and all(type(v) is int for v in value):
+            # Integer arrays (the token span's per-layer figures): one join instead of a call per value.
+            out.append(prefix + '{"arrayValue":{"values":[' + ",".join(['{"intValue":"%d"}' % v for v in value]) + "]}}}")
         else:
             out.append(prefix + _value(value) + "}")
     return ",".join(out)
