@@ -82,8 +82,8 @@ class OffloadMetrics:
 
     # -- recording (telemetry thread) -------------------------------------------------------------
 
-    def token(self, duration_ns: int, phase: str, trace_id: int, span_id: int, records: list[Any], transfer_bytes: int) -> None:
-        """One token: its latency (with the trace id as exemplar), its layers, its bytes."""
+    def token(self, duration_ns: int, phase: str, trace_id: int, span_id: int, layer_durations: list[tuple[str, int]], transfer_bytes: int) -> None:
+        """One token: its latency (with the trace id as exemplar), its layers' (kind, ns), its bytes."""
         seconds = duration_ns / 1e9
         exemplar = {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}
         ctx = otel_context.Context() if not trace_id else trace.set_span_in_context(
@@ -94,15 +94,13 @@ class OffloadMetrics:
         transfer_hist, compute_hist = self._prom[mn.LAYER_TRANSFER.otel].labels(self.model), self._prom[mn.LAYER_COMPUTE.otel].labels(self.model)
         otel_transfer, otel_compute = self._otel[mn.LAYER_TRANSFER.otel], self._otel[mn.LAYER_COMPUTE.otel]
         attributes = {mn.LABEL_MODEL: self.model}
-        for record in records:
-            if record.kind == TRANSFER:
-                value = (record.end_ns - record.start_ns) / 1e9
-                transfer_hist.observe(value)
-                otel_transfer.record(value, attributes)
-            elif record.kind == COMPUTE:
-                value = (record.end_ns - record.start_ns) / 1e9
-                compute_hist.observe(value)
-                otel_compute.record(value, attributes)
+        for kind, duration in layer_durations:
+            if kind == TRANSFER:
+                transfer_hist.observe(duration / 1e9)
+                otel_transfer.record(duration / 1e9, attributes)
+            elif kind == COMPUTE:
+                compute_hist.observe(duration / 1e9)
+                otel_compute.record(duration / 1e9, attributes)
         self._add(mn.BYTES_COPIED, transfer_bytes)
         self._add(mn.TOKENS, 1)
 

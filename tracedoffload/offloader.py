@@ -41,6 +41,7 @@ class _OffloadedLayer:
     host_flat: torch.Tensor
     host_views: list[torch.Tensor]
     slot_views: list[list[torch.Tensor]]  # per device slot, the layer's tensors as views into it
+    original_devices: list[torch.device]  # where each tensor lived before offload(), for detach()
 
 
 @dataclasses.dataclass
@@ -235,6 +236,7 @@ class Offloader:
         for index, layout in layouts.items():
             # Packed and pointed at one layer at a time, so host memory peaks at one extra layer.
             host_flat = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            original_devices = [item.tensor.device for item in layout.tensors]
             host_views = pack_into(layout, host_flat)
             for item, view in zip(layout.tensors, host_views):
                 item.tensor.data = view
@@ -244,6 +246,7 @@ class Offloader:
                 host_flat=host_flat,
                 host_views=host_views,
                 slot_views=[[item.view_in(slot.flat) for item in layout.tensors] for slot in self._slots],
+                original_devices=original_devices,
             )
         self._set_order(self._order)
         self._install_hooks()
@@ -274,9 +277,14 @@ class Offloader:
             if getattr(module, HOOK_ATTR, None) is self:
                 delattr(module, HOOK_ATTR)
         for offloaded in self._offloaded.values():
-            for item, host_view in zip(offloaded.layout.tensors, offloaded.host_views):
-                # Hand the weights back in ordinary pageable memory so no pinned bytes stay behind.
-                item.tensor.data = host_view.clone() if self.pinned else host_view
+            for item, host_view, original in zip(offloaded.layout.tensors, offloaded.host_views, offloaded.original_devices):
+                if original.type != "cpu":
+                    item.tensor.data = host_view.to(original)
+                elif self.pinned:
+                    # Hand the weights back in ordinary pageable memory so no pinned bytes stay behind.
+                    item.tensor.data = host_view.clone()
+                else:
+                    item.tensor.data = host_view
         self._offloaded.clear()
         for tensor, original in reversed(self._moved):
             tensor.data = tensor.data.to(original)

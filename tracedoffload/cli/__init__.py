@@ -10,11 +10,11 @@ from tracedoffload._exceptions import TracedOffloadError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tracedoffload.cli import plan, run
+    from tracedoffload.cli import plan, report, run
 
     parser = argparse.ArgumentParser(prog="tracedoffload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (plan, run):
+    for module in (run, plan, report):
         module.add_parser(sub)
     return parser
 

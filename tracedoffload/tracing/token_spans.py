@@ -60,7 +60,7 @@ class TokenTimer:
         self._resolve = resolve
         self._num_layers = num_layers
         self._host_clock = host_clock
-        self._last_copy_end: dict[int, int] = {}
+        self._last_copy: dict[int, tuple[int, int]] = {}  # layer -> (start, end) of its latest copy
 
     def time(self, payload: StepPayload) -> TokenTiming:
         records = payload.records
@@ -81,7 +81,7 @@ class TokenTimer:
         compute_ends = [ends[i] for i in compute_positions]
         wait_ns: dict[int, int] = {}
         overlap_ns: dict[int, int] = {}
-        last_copy_end = self._last_copy_end
+        last_copy = self._last_copy
         previous_compute_end = start_ns
         for position, record in enumerate(records):
             layer = record.layer_index
@@ -90,15 +90,15 @@ class TokenTimer:
             if kind == COMPUTE:
                 compute[layer] += finish - begin
                 if record.slot >= 0:
-                    copy_end = last_copy_end.get(layer, previous_compute_end)
-                    # The compute stream sat idle from the previous compute's end until this copy
-                    # landed (or until the compute began, if that came first).
-                    waited = max(0, min(copy_end, begin) - previous_compute_end)
+                    copy_start, copy_end = last_copy.get(layer, (previous_compute_end, previous_compute_end))
+                    # The compute waited from when it could have run (the previous compute's end, or
+                    # this copy's start if the copy was only issued later) until its copy landed.
+                    waited = max(0, min(copy_end, begin) - max(previous_compute_end, copy_start))
                     wait_ns[position] = waited
                     wait[layer] += waited
                 previous_compute_end = finish
             elif kind == TRANSFER:
-                last_copy_end[layer] = finish
+                last_copy[layer] = (begin, finish)
                 hidden = _overlap(begin, finish, compute_starts, compute_ends)
                 overlap_ns[position] = hidden
                 transfer[layer] += finish - begin

@@ -1,0 +1,89 @@
+"""The end-of-run summary of `tracedoffload run`: placement, generation figures and the offload
+statistics (aggregated from the run's spans by the tracing core), and their text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tracedoffload.tracing.summary import slowest_tokens, stats_table
+
+
+def placement_figures(offloader: Any, num_layers: int, device: Any) -> dict[str, Any]:
+    """Where the layers are; read before `detach()`, which frees the slots and host buffers.
+
+    Args:
+        offloader: the attached `Offloader`, or None when every layer is resident.
+        num_layers: the model's decoder layer count.
+        device: the compute device.
+    """
+    return {
+        "device": str(device),
+        "offload": offloader is not None,
+        "resident_layers": list(offloader.resident_indices) if offloader else list(range(num_layers)),
+        "offloaded_layers": list(offloader.offloaded_indices) if offloader else [],
+        "pinned_bytes": offloader.pinned_bytes if offloader else 0,
+        "device_pool_bytes": offloader.device_pool_bytes if offloader else 0,
+    }
+
+
+def run_summary(model_name: str, placement: dict[str, Any], generation: Any, stats: dict[str, Any] | None) -> dict[str, Any]:
+    """The figures `tracedoffload run` prints, as a JSON-ready dict.
+
+    Args:
+        model_name: the model's display name.
+        placement: from `placement_figures`.
+        generation: a `tracedoffload.cli.run.Generation` (token counts, seconds, text).
+        stats: the tracing session's statistics, or None when the run was not traced.
+    """
+    tokens, seconds = generation.generated_tokens, generation.seconds
+    return {
+        "model": model_name,
+        **placement,
+        "prompt_tokens": generation.prompt_tokens,
+        "generated_tokens": tokens,
+        "wall_s": seconds,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "ms_per_token": 1e3 * seconds / tokens if tokens else 0.0,
+        "stats": stats,
+        "output_text": generation.text,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A `run_summary` as aligned text lines, the output text last."""
+    rows = [
+        ("model", summary["model"]),
+        ("device", summary["device"]),
+        ("offloading", "enabled" if summary["offload"] else "disabled (every layer resident)"),
+        ("resident layers", _layers(summary["resident_layers"])),
+        ("offloaded layers", _layers(summary["offloaded_layers"])),
+        ("pinned host bytes", f"{summary['pinned_bytes']:,}"),
+        ("device slot pool bytes", f"{summary['device_pool_bytes']:,}"),
+        ("prompt tokens", str(summary["prompt_tokens"])),
+        ("generated tokens", str(summary["generated_tokens"])),
+        ("wall time", f"{summary['wall_s']:.3f} s"),
+        ("throughput", f"{summary['tokens_per_s']:.2f} tokens/s, {summary['ms_per_token']:.2f} ms/token"),
+    ]
+    for key, label in (("trace_file", "trace file"), ("perfetto_file", "perfetto trace")):
+        if summary.get(key):
+            rows.append((label, summary[key]))
+    for alert in summary.get("leak_alerts") or []:
+        rows.append(("LEAK SUSPECTED", f"{alert['source']}: ~{alert['bytes_per_token'] / 2**20:.2f} MiB/token, detected at token {alert['token_index']}"))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    stats = summary.get("stats")
+    if stats is not None:
+        lines += ["", stats_table(stats), slowest_tokens(stats, 5)]
+    elif summary["offload"]:
+        lines += ["", "offload statistics: none (tracing was off: --trace-level off)"]
+    return "\n".join([*lines, "output:", _printable(summary["output_text"])])
+
+
+def _layers(indices: list[int]) -> str:
+    return f"{len(indices)} {indices}" if indices else "0"
+
+
+def _printable(text: str) -> str:
+    # A random-weight model emits arbitrary bytes; escape control characters (an ESC byte would
+    # drive the terminal) but keep line breaks and any printable script.
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
