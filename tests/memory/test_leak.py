@@ -1,0 +1,100 @@
+"""The leak detector on synthetic quiet-point series: leaks flagged, normal growth never."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracedoffload import ConfigError
+from tracedoffload.memory.leak import MiB, LeakDetector, LeakPolicy
+
+KV = 64 * 1024  # expected KV-cache bytes per token
+BASE = 500 * MiB
+
+
+def feed(detector: LeakDetector, readings) -> list:
+    detector.begin_generation(BASE)
+    alerts = []
+    for token, value in enumerate(readings):
+        alert = detector.observe(token, value)
+        if alert is not None:
+            alerts.append(alert)
+    return alerts
+
+
+class TestWithinAGeneration:
+    def test_kv_cache_growth_is_not_a_leak(self):
+        """Memory growing by exactly the expected KV bytes per token, for 500 tokens, raises nothing."""
+        detector = LeakDetector("device", KV)
+        assert feed(detector, [BASE + KV * t for t in range(500)]) == []
+
+    def test_allocator_steps_then_plateau_are_not_a_leak(self):
+        """Reserved-style growth in a few big steps that then plateaus raises nothing."""
+        detector = LeakDetector("device", KV)
+        readings = [BASE + KV * t + (64 * MiB if t > 10 else 0) + (64 * MiB if t > 40 else 0) for t in range(200)]
+        assert feed(detector, readings) == []
+
+    def test_noise_around_kv_growth_is_not_a_leak(self):
+        """Up and down noise of a few MiB around KV growth raises nothing."""
+        detector = LeakDetector("host", KV)
+        readings = [BASE + KV * t + ((t * 7919) % 5) * MiB for t in range(300)]
+        assert feed(detector, readings) == []
+
+    def test_a_steady_leak_is_flagged_within_32_tokens(self):
+        """1 MiB per token on top of KV growth is flagged by token 31 with a rate near 1 MiB."""
+        detector = LeakDetector("host", KV)
+        alerts = feed(detector, [BASE + KV * t + MiB * t for t in range(64)])
+        assert len(alerts) == 1
+        assert alerts[0].token_index < 32
+        assert alerts[0].bytes_per_token == pytest.approx(MiB, rel=0.01)
+        assert alerts[0].scope == "tokens" and detector.suspected is alerts[0]
+
+    def test_a_leak_below_the_rate_floor_is_not_flagged(self):
+        """A rise slower than min_bytes_per_token (here 64 KiB/token) stays below the alert."""
+        detector = LeakDetector("host", KV)
+        assert feed(detector, [BASE + KV * t + 64 * 1024 * t for t in range(200)]) == []
+
+    def test_absent_readings_never_alert(self):
+        """A source that cannot be read (None) is never judged."""
+        detector = LeakDetector("device", KV)
+        assert feed(detector, [None] * 100) == []
+
+    def test_suspicion_is_judged_again_each_generation(self):
+        """A new generation clears a within-generation suspicion until its own tokens show one."""
+        detector = LeakDetector("host", KV)
+        feed(detector, [BASE + MiB * t for t in range(40)])
+        assert detector.suspected is not None
+        detector.begin_generation(BASE)
+        assert detector.suspected is None
+
+    def test_callback_receives_each_new_alert(self):
+        """on_alert is called once per new suspicion, not once per token."""
+        seen = []
+        detector = LeakDetector("host", KV, on_alert=seen.append)
+        feed(detector, [BASE + MiB * t for t in range(80)])
+        assert len(seen) == 1
+
+
+class TestAcrossGenerations:
+    def test_kv_sawtooth_between_generations_is_not_a_leak(self):
+        """Idle memory back at the same level before every generation raises nothing."""
+        detector = LeakDetector("host", KV)
+        for _ in range(100):
+            assert detector.begin_generation(BASE + (MiB if _ % 2 else 0)) is None
+
+    def test_idle_memory_rising_every_generation_is_flagged(self):
+        """Idle memory 16 MiB higher before each of 8 generations is a leak across generations."""
+        detector = LeakDetector("host", KV)
+        alerts = [detector.begin_generation(BASE + 16 * MiB * g) for g in range(8)]
+        assert alerts[-1] is not None and alerts[-1].scope == "generations"
+        assert alerts[-1].bytes_per_token == pytest.approx(16 * MiB)
+
+
+class TestPolicy:
+    @pytest.mark.parametrize(
+        "field, value",
+        [("window_tokens", 4), ("segments", 1), ("warmup_tokens", -1), ("min_rise_bytes", 1.5), ("generations_window", 2), ("min_bytes_per_token", True)],
+    )
+    def test_invalid_thresholds_name_the_field(self, field, value):
+        """Each invalid threshold raises a ConfigError naming it."""
+        with pytest.raises(ConfigError, match=field):
+            LeakPolicy(**{field: value})

@@ -1,0 +1,97 @@
+"""Metrics over a real /metrics endpoint: names from metric_names, exemplars with trace ids,
+absent device readings left unset, and a taken port refused before any work."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from tracedoffload import ConfigError, OffloadConfig, offload
+from tracedoffload import metric_names as mn
+from tracedoffload.metrics import OffloadMetrics, check_port_free, serve_metrics
+from tracedoffload.monitor import MemoryMonitor
+from tracedoffload.tracing.sampling import SamplingPolicy
+from tracedoffload.tracing.session import TracingSession
+from tests.tracing.conftest import tiny_model
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def scrape(port: int) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": OPENMETRICS})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.read().decode()
+
+
+@pytest.fixture
+def served_run():
+    """A traced tiny-model generation recording metrics into a fresh registry served on loopback."""
+    registry = CollectorRegistry()
+    metrics = OffloadMetrics("tiny", registry=registry)
+    server, port = serve_metrics(registry, 0)
+    model = tiny_model()
+    offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
+    session = TracingSession([], policy=SamplingPolicy(level="token"))
+    session.monitor_memory(MemoryMonitor(offloader, 1024, metrics=metrics))
+    session.add_token_listener(
+        lambda timing, stats: metrics.token(
+            timing.duration_ns, "decode", timing.payload.trace_id, timing.payload.span_id,
+            [(r.kind, e - s) for r, s, e in zip(timing.payload.records, timing.starts, timing.ends)], timing.sums["token.transfer_bytes"],
+        )
+    )
+    session.attach(offloader)
+    with torch.inference_mode(), session.generation("tiny", 5):
+        model.generate(torch.arange(5).unsqueeze(0), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    session.shutdown(5)
+    offloader.detach()
+    yield scrape(port), session
+    server.shutdown()
+    server.server_close()
+
+
+class TestExposition:
+    def test_cpu_series_use_the_documented_names(self, served_run):
+        """Every metric a CPU run records is exposed under its metric_names Prometheus name."""
+        text, _ = served_run
+        for name in (mn.TOKEN_LATENCY, mn.TIME_PER_OUTPUT_TOKEN, mn.LAYER_TRANSFER, mn.LAYER_COMPUTE, mn.BYTES_COPIED, mn.TOKENS, mn.PROCESS_RSS, mn.PINNED_HOST, mn.QUIET_POINT, mn.LEAK_SUSPECTED, mn.KV_EXPECTED):
+            assert name.prometheus in text, name.prometheus
+
+    def test_latency_buckets_carry_trace_id_exemplars(self, served_run):
+        """Token latency buckets carry exemplars whose trace_id is one of the run's token traces."""
+        text, session = served_run
+        exemplar_lines = [line for line in text.splitlines() if line.startswith(mn.TOKEN_LATENCY.prometheus + "_bucket") and "trace_id" in line]
+        assert exemplar_lines
+        trace_id = exemplar_lines[0].split('trace_id="')[1][:32]
+        assert len(trace_id) == 32 and int(trace_id, 16) > 0
+
+    def test_device_readings_are_absent_not_zero_on_cpu(self, served_run):
+        """Without a GPU the device memory series are not exposed at all (no fake zeros)."""
+        text, _ = served_run
+        for name in (mn.GPU_MEMORY_USAGE, mn.CUDA_RESERVED, mn.CUDA_ALLOCATED):
+            assert not any(line.startswith(name.prometheus + "{") for line in text.splitlines())
+        assert f'{mn.QUIET_POINT.prometheus}{{model="tiny",source="device"}}' not in text
+
+    def test_layer_histograms_have_sub_millisecond_buckets(self, served_run):
+        """Layer transfer and compute histograms resolve below a millisecond."""
+        text, _ = served_run
+        assert f'{mn.LAYER_TRANSFER.prometheus}_bucket{{le="0.0001",model="tiny"}}' in text
+
+
+class TestPort:
+    def test_a_taken_port_is_refused_with_the_field_named(self):
+        """Binding a port already in use raises ConfigError naming metrics_port."""
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            with pytest.raises(ConfigError, match="metrics_port"):
+                check_port_free(port, "127.0.0.1")
+
+    def test_out_of_range_port_is_refused(self):
+        """A port above 65535 is refused."""
+        with pytest.raises(ConfigError, match="metrics_port"):
+            check_port_free(70000, "127.0.0.1")
