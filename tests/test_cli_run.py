@@ -44,24 +44,24 @@ class TestRunCommand:
         assert summary["generated_tokens"] == 4
         assert (len(summary["resident_layers"]), len(summary["offloaded_layers"])) == (12, 16)
         assert summary["device_pool_bytes"] > 0
-        timeline = summary["timeline"]
-        assert timeline["steps"] == 4
-        assert timeline["transfers"] >= 4 * 16
-        assert timeline["bytes_copied"] > 0 and timeline["transfer_ms"] > 0 and timeline["compute_ms"] > 0
-        assert 0.0 <= timeline["prefetched_share"] <= 1.0
+        stats = summary["stats"]
+        assert stats["tokens"] == 4 and (stats["gpu_layers"], stats["cpu_layers"]) == (12, 16)
+        assert stats["bytes_transferred"] == sum(row["bytes"] for row in stats["per_layer"].values()) > 0
+        assert stats["time_breakdown"]["cpu_to_gpu_transfer_ms"] > 0 and stats["time_breakdown"]["pure_computation_ms"] > 0
+        assert 0.0 < stats["prefetched_share"] <= 1.0
 
     def test_manual_layers_first_residency_no_prefetch(self, capsys):
         """--num-gpu-layers, --residency and --prefetch reach the offloader."""
         summary = run_json(capsys, "--num-gpu-layers", "20", "--residency", "first", "--prefetch", "0")
         assert summary["resident_layers"] == list(range(20))
-        assert summary["timeline"]["prefetched_share"] == 0.0
+        assert summary["stats"]["prefetched_share"] == 0.0
 
     def test_no_offload(self, capsys):
-        """--no-offload keeps every layer resident and records no transfers."""
+        """--no-offload keeps every layer resident, untraced: no statistics rather than zeros."""
         summary = run_json(capsys, "--no-offload")
         assert summary["offload"] is False
         assert summary["offloaded_layers"] == [] and len(summary["resident_layers"]) == 28
-        assert summary["timeline"] is None
+        assert summary["stats"] is None
 
     def test_subprocess_json_stdout_is_clean(self):
         """`python -m tracedoffload.cli run --json` exits 0 with only JSON on stdout (logs on stderr)."""

@@ -50,6 +50,7 @@ TOKEN_WAIT_NS = "token.wait_ns"
 TOKEN_OVERLAP_NS = "token.overlap_ns"
 TOKEN_TRANSFER_BYTES = "token.transfer_bytes"
 TOKEN_TRANSFERS = "token.transfers"
+TOKEN_PREFETCHED = "token.prefetched_transfers"  # transfers issued ahead of need
 # Per-layer figures of the token, as integer arrays indexed by layer index, so the per-layer
 # breakdown is complete even for tokens whose layer spans were not exported.
 TOKEN_LAYERS_COMPUTE_NS = "token.layers.compute_ns"

@@ -33,6 +33,7 @@ _TOKEN_SUMS = (
     names.TOKEN_OVERLAP_NS,
     names.TOKEN_TRANSFER_BYTES,
     names.TOKEN_TRANSFERS,
+    names.TOKEN_PREFETCHED,
 )
 _LAYER_FIELDS = {
     names.TOKEN_LAYERS_COMPUTE_NS: "compute_ns",
@@ -161,6 +162,7 @@ def _build_snapshot(stats: OffloadStats, dropped_spans: int) -> dict[str, Any]:
         "bytes_transferred": totals[names.TOKEN_TRANSFER_BYTES],
         "transfer_gbps": round(totals[names.TOKEN_TRANSFER_BYTES] / transfer, 3) if transfer else 0.0,
         "overlap_efficiency": round(overlap / transfer, 4) if transfer else 0.0,
+        "prefetched_share": round(totals[names.TOKEN_PREFETCHED] / transfers, 4) if transfers else 0.0,
         "exposed_transfer_ms": _ms(transfer - overlap),
         "compute_wait_ms": _ms(totals[names.TOKEN_WAIT_NS]),
         "offloaded_bytes": offloaded_bytes,

@@ -21,6 +21,7 @@ def stats_table(stats: dict[str, Any]) -> str:
         ("cpu->gpu transfer ms", f"{breakdown['cpu_to_gpu_transfer_ms']:.2f}  ({stats['transfer_gbps']:.2f} GB/s, avg {stats['avg_layer_transfer_ms']:.3f} ms/layer)"),
         ("gpu->cpu release ms", f"{breakdown['gpu_to_cpu_release_ms']:.2f}  (no copy back)"),
         ("transfer overhead", f"{stats['transfer_overhead_ms']:.2f} ms = {stats['overhead_percentage']:.1f}% of transfer+compute"),
+        ("prefetched transfers", f"{100 * stats['prefetched_share']:.1f}% issued ahead of need"),
         ("overlap efficiency", f"{100 * stats['overlap_efficiency']:.1f}% of copy time hidden behind compute"),
         ("compute waited for copies", f"{stats['compute_wait_ms']:.2f} ms"),
         ("theoretical async savings", f"{stats['theoretical_async_savings_ms']:.2f} ms"),

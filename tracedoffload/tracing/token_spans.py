@@ -122,6 +122,7 @@ class TokenTimer:
             names.TOKEN_OVERLAP_NS: sum(overlap),
             names.TOKEN_TRANSFER_BYTES: sum(nbytes),
             names.TOKEN_TRANSFERS: len(overlap_ns),
+            names.TOKEN_PREFETCHED: sum(1 for r in records if r.kind == TRANSFER and r.prefetched),
         }
         return TokenTiming(payload, start_ns, end_ns, starts, ends, wait_ns, overlap_ns, sums, layers)
 
