@@ -184,7 +184,7 @@ class Offloader:
 
     @property
     def device_pool_bytes(self) -> int:
-        """Bytes of the fixed device slot pool (prefetch + 1 slots of the largest offloaded layer)."""
+        """Bytes of the fixed device slot pool (min(prefetch + 1, offloaded layers) slots of the largest offloaded layer)."""
         return sum(s.flat.numel() for s in self._slots)
 
     @property
@@ -226,7 +226,9 @@ class Offloader:
         shared = _tensors_shared_outside(self.model, {i: self.layers[i] for i in self.offloaded_indices})
         layouts = {i: plan_layout(layer_tensors(self.layers[i], shared[i])) for i in self.offloaded_indices}
         slot_bytes = max((lay.nbytes for lay in layouts.values()), default=0)
-        num_slots = self.config.prefetch + 1 if layouts else 0
+        # prefetch + 1 slots (the computing layer and those copied ahead), never more than there are
+        # offloaded layers: a slot that could never be filled would only cost device memory.
+        num_slots = min(self.config.prefetch + 1, len(layouts))
         # Allocate the device pool first: if it does not fit, nothing of the model has moved yet.
         for n in range(num_slots):
             flat = torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)

@@ -127,13 +127,14 @@ class PlanRow:
 
 def estimate_vram(plan: ModelPlan, gpu_layers: int, *, prefetch: int = 1, kv_tokens: int = DEFAULT_KV_TOKENS, residency: str = "interleaved") -> int:
     """Device bytes for `gpu_layers` resident layers: resident weights, the slot pool (prefetch + 1
-    slots of the largest offloaded layer), the KV cache for `kv_tokens`, and activation headroom."""
+    slots of the largest offloaded layer, at most one per offloaded layer), the KV cache for
+    `kv_tokens`, and activation headroom."""
     from tracedoffload.config import resident_layer_indices
 
     resident = resident_layer_indices(residency, plan.num_layers, gpu_layers)
     offloaded = [b for i, b in enumerate(plan.layer_bytes) if i not in set(resident)]
     weights = plan.base_bytes + sum(plan.layer_bytes[i] for i in resident)
-    pool = (prefetch + 1) * max(offloaded) if offloaded else 0
+    pool = min(prefetch + 1, len(offloaded)) * max(offloaded) if offloaded else 0
     headroom = max(MIN_ACTIVATION_HEADROOM, int(ACTIVATION_HEADROOM_SHARE * weights))
     return weights + pool + plan.kv_bytes_per_token * kv_tokens + headroom
 

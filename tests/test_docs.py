@@ -1,0 +1,25 @@
+"""The README documents every span, attribute, event and metric name the code emits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tracedoffload import metric_names
+from tracedoffload.tracing import names
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+SPAN_NAMES = sorted({v for k, v in vars(names).items() if k.isupper() and isinstance(v, str)} - {names.PROVIDER, names.GEN_AI_OPERATION})
+
+
+class TestReadme:
+    @pytest.mark.parametrize("name", SPAN_NAMES)
+    def test_span_and_attribute_names_are_documented(self, name):
+        """Each name in tracing/names.py appears in the README's tables."""
+        assert f"`{name}`" in README or f"{name}`" in README or f"`{name}" in README
+
+    @pytest.mark.parametrize("metric", metric_names.ALL, ids=lambda m: m.prometheus)
+    def test_metric_names_are_documented(self, metric):
+        """Each metric's Prometheus name appears in the README's metrics table."""
+        assert f"`{metric.prometheus}`" in README
