@@ -1,0 +1,46 @@
+"""`tracedoffload report FILE`: the statistics of a run recomputed from its trace file."""
+
+from __future__ import annotations
+
+import json
+
+from tracedoffload.cli import main
+
+
+def run_to_file(capsys, path, *flags):
+    assert main(["run", "--max-new-tokens", "6", "--json", "--no-progress", "--trace-file", str(path), *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+class TestReport:
+    def test_report_equals_the_live_statistics(self, capsys, tmp_path):
+        """The file's statistics equal those `run` printed, except the live-only counters."""
+        path = tmp_path / "run.otlp.jsonl"
+        live = run_to_file(capsys, path, "--full-detail")["stats"]
+        assert main(["report", str(path), "--json"]) == 0
+        from_file = json.loads(capsys.readouterr().out)
+        for key in ("dropped_spans", "dropped_steps", "telemetry_errors"):
+            live.pop(key, None)
+            from_file.pop(key, None)
+        assert from_file == json.loads(json.dumps(live))
+
+    def test_report_lists_the_slowest_tokens_with_trace_ids(self, capsys, tmp_path):
+        """The text report shows the statistics table and the slowest tokens' trace ids."""
+        path = tmp_path / "run.otlp.jsonl"
+        live = run_to_file(capsys, path)["stats"]
+        assert main(["report", str(path), "--slowest", "3"]) == 0
+        out = capsys.readouterr().out
+        assert "offload statistics (from spans)" in out
+        assert live["slowest_tokens"][0]["trace_id"] in out
+
+    def test_missing_file_exits_2(self, capsys, tmp_path):
+        """A missing file is one error line naming it, exit status 2."""
+        assert main(["report", str(tmp_path / "nope.jsonl")]) == 2
+        assert "nope.jsonl" in capsys.readouterr().err
+
+    def test_a_file_that_is_not_otlp_exits_2(self, capsys, tmp_path):
+        """A file that is not OTLP JSON lines is refused with a clear message."""
+        path = tmp_path / "junk.jsonl"
+        path.write_text("this is not json\n")
+        assert main(["report", str(path)]) == 2
+        assert "not an OTLP JSON-lines trace file" in capsys.readouterr().err
