@@ -1,0 +1,111 @@
+"""Alert rules with promtool, and end to end: a real `tracedoffload run` with an injected leak
+pages through real Prometheus and Alertmanager, and a normal run fires nothing."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tracedoffload import metric_names
+from tests.servers import RULES, binary, ensure_debian_packages, free_port, prometheus_stack, write_test_configs
+
+pytestmark = pytest.mark.servers
+RULES_TEST = RULES.with_name("alerts_test.yml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def debian_packages():
+    ensure_debian_packages()
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([binary("promtool"), *args], capture_output=True, text=True, timeout=120)
+
+
+class TestRules:
+    def test_rules_file_is_valid(self):
+        """promtool accepts collectors/prometheus/alerts.yml."""
+        result = promtool("check", "rules", str(RULES))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_rule_unit_tests_pass(self):
+        """The promtool unit tests fire each alert on its fault and nothing on normal behaviour."""
+        result = promtool("test", "rules", str(RULES_TEST))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_generated_test_config_is_valid(self, tmp_path):
+        """The configuration the end-to-end test runs Prometheus with passes promtool check config."""
+        prometheus_file, _ = write_test_configs(tmp_path, ["127.0.0.1:9"], 9093, 5001)
+        result = promtool("check", "config", str(prometheus_file))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    @pytest.mark.parametrize(
+        "breakage, message",
+        [
+            (lambda rule: rule.update(expr="max by (source (tracedoffload_leak_suspected)"), "parse error"),
+            (lambda rule: rule.pop("expr"), "expr"),
+        ],
+        ids=["bad-promql", "missing-expr"],
+    )
+    def test_a_broken_rules_file_is_rejected(self, tmp_path, breakage, message):
+        """promtool rejects a rules file with a PromQL error or a rule without expr, naming the problem."""
+        rules = yaml.safe_load(RULES.read_text())
+        breakage(rules["groups"][0]["rules"][0])
+        broken = tmp_path / "alerts.yml"
+        broken.write_text(yaml.safe_dump(rules))
+        result = promtool("check", "rules", str(broken))
+        assert result.returncode != 0
+        assert message in (result.stdout + result.stderr).lower()
+
+    def test_rules_use_only_known_metrics(self):
+        """Every metric an alert reads is defined in tracedoffload/metric_names.py."""
+        known = {m.prometheus for m in metric_names.ALL}
+        text = RULES.read_text()
+        used = set(re.findall(r"\b(tracedoffload_[a-z0-9_]+)", text))
+        assert used
+        assert {name.removesuffix("_bucket") for name in used} <= known
+
+
+def run_cli(port: int, *flags: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tracedoffload", "run", "--metrics-port", str(port), "--no-trace-file", "--no-progress", "--max-new-tokens", "40", *flags]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class TestEndToEnd:
+    def test_injected_leak_pages_and_a_normal_run_fires_nothing(self, tmp_path):
+        """A normal run is scraped and fires nothing; a run with --inject-leak host reaches Alertmanager and the pager webhook."""
+        normal_port, leak_port = free_port(), free_port()
+        normal_target, leak_target = f"127.0.0.1:{normal_port}", f"127.0.0.1:{leak_port}"
+        with prometheus_stack(tmp_path, [normal_target, leak_target]) as stack:
+            normal = run_cli(normal_port, "--metrics-linger", "8")
+            try:
+                scraped = stack.wait_for(lambda: stack.query(f'tracedoffload_tokens_total{{instance="{normal_target}"}} > 0'), timeout=90)
+                assert scraped, "the normal run's metrics were never scraped"
+                stack.wait_for(lambda: None, timeout=4)  # several 1 s evaluation cycles on its data
+                assert stack.query(f'tracedoffload_leak_suspected{{instance="{normal_target}"}} == 0')
+                assert [a for a in stack.prometheus_alerts() if a["labels"].get("instance") == normal_target] == []
+            finally:
+                out, err = normal.communicate(timeout=120)
+            assert normal.returncode == 0, err[-2000:]
+
+            leak = run_cli(leak_port, "--inject-leak", "host", "--metrics-linger", "20")
+            try:
+                arrived = stack.wait_for(
+                    lambda: [a for a in stack.alertmanager_alerts() if a["labels"]["alertname"] == "TracedOffloadLeakSuspected"],
+                    timeout=90,
+                )
+                assert arrived, "TracedOffloadLeakSuspected never reached Alertmanager"
+                alert = arrived[0]
+                assert alert["labels"]["instance"] == leak_target and alert["labels"]["source"] == "host"
+                assert alert["labels"]["severity"] == "page"
+                paged = stack.wait_for(lambda: [w for w in stack.webhook if w["path"] == "/pager"], timeout=30)
+                assert paged and paged[0]["body"]["alerts"][0]["labels"]["alertname"] == "TracedOffloadLeakSuspected"
+            finally:
+                out, err = leak.communicate(timeout=120)
+            assert leak.returncode == 0, err[-2000:]
+            assert "memory.leak_suspected" in err
+            assert [a for a in stack.prometheus_alerts() if a["labels"].get("instance") == normal_target] == []
