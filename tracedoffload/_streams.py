@@ -36,7 +36,6 @@ class CpuStreams:
 
     kind = "cpu"
     copy_stream_name = "host"
-    compute_stream_name = "host"
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -74,7 +73,6 @@ class CudaStreams:
 
     kind = "cuda"
     copy_stream_name = "h2d"
-    compute_stream_name = "compute"
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

@@ -1,49 +1,122 @@
-"""`tracedoffload plan`: the VRAM table (GPU layers vs estimated VRAM vs expected slowdown)."""
+"""`tracedoffload plan`: the VRAM table (GPU layers vs estimated VRAM vs expected slowdown), no weights loaded."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+from typing import Any
 
 import torch
 
 from tracedoffload._exceptions import ConfigError
-from tracedoffload.planner import DEFAULT_BANDWIDTH_GBPS, DEFAULT_KV_TOKENS, GPU_TIERS, ModelPlan, config_for_tier, format_table, plan_table
+from tracedoffload.config import RESIDENCY_POLICIES
+from tracedoffload.planner import (
+    DEFAULT_BANDWIDTH_GBPS,
+    DEFAULT_DEVICE_MEMORY_GBPS,
+    DEFAULT_KV_TOKENS,
+    DEFAULT_TARGET_UTILIZATION,
+    GPU_TIERS,
+    GiB,
+    ModelPlan,
+    config_for_tier,
+    estimate_vram,
+    format_table,
+    plan_table,
+    table_to_dict,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("plan", help="print the offload plan table for a model (no weights are loaded)", description=__doc__)
-    parser.add_argument("--model", metavar="PATH", help="a local model directory or config.json (default: the embedded model)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the config's, float32 for the embedded model)")
-    parser.add_argument("--bandwidth-gbps", type=float, default=DEFAULT_BANDWIDTH_GBPS, help="host-to-device copy rate (default %(default)s, PCIe 4.0 x16 pinned)")
-    parser.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS, help="tokens of KV cache to leave room for (default %(default)s)")
-    parser.add_argument("--prefetch", type=int, default=1, help="prefetch depth: the device pool holds prefetch + 1 layers (default 1)")
-    parser.add_argument("--compute-ms", type=float, default=None, help="resident compute ms per token, measured (e.g. `tracedoffload run --num-gpu-layers N`); default: an assumption stated in the table")
+    parser = subparsers.add_parser(
+        "plan",
+        help="print the offload plan table for a model (reads only its config; no weights are loaded)",
+        description="Estimate VRAM, pinned host bytes, copy time and slowdown per number of resident layers.",
+    )
+    parser.add_argument("--model", metavar="PATH", help="a local model directory or its config.json (default: the embedded 28-layer model)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the config's; float32 for the embedded model)")
+    parser.add_argument("--bandwidth-gbps", type=float, default=DEFAULT_BANDWIDTH_GBPS, help="host-to-device copy rate in GB/s (default %(default)s: PCIe 4.0 x16, pinned, measured)")
+    parser.add_argument("--compute-ms", type=float, help="measured per-token compute with every layer resident, in ms (default: estimated from --device-memory-gbps)")
+    parser.add_argument("--device-memory-gbps", type=float, default=DEFAULT_DEVICE_MEMORY_GBPS, help="device memory bandwidth for the compute estimate (default %(default)s: RTX 4070 spec)")
+    parser.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS, help="tokens the KV cache must hold, across the batch (default %(default)s)")
+    parser.add_argument("--prefetch", type=int, default=1, help="offloaded layers copied ahead (0 to 8); the device pool holds prefetch + 1 layers (default 1)")
+    parser.add_argument("--residency", default="interleaved", help=f"which layers stay resident: {', '.join(RESIDENCY_POLICIES)} (default interleaved)")
     parser.add_argument("--every-k", action="store_true", help="a row for every number of resident layers, not only the presets")
-    parser.add_argument("--tier", choices=sorted(GPU_TIERS), help="also show the config a GPU tier preset gives")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--tier", help=f"also show the config a GPU tier preset gives: {', '.join(GPU_TIERS)}")
+    parser.add_argument("--json", action="store_true", help="print the table (and the tier's config) as one JSON object")
     parser.set_defaults(handler=plan)
 
 
 def plan(args: argparse.Namespace) -> int:
+    """Print the plan table; every bad flag value raises a ConfigError naming the flag."""
+    _check_flags(args)
+    model_plan = _model_plan(args)
+    table = plan_table(
+        model_plan,
+        bandwidth_gbps=args.bandwidth_gbps,
+        compute_ms_per_token=args.compute_ms,
+        device_memory_gbps=args.device_memory_gbps,
+        prefetch=args.prefetch,
+        residency=args.residency,
+        kv_tokens=args.kv_tokens,
+        every_k=args.every_k,
+    )
+    tier = _tier(model_plan, args) if args.tier else None
+    if args.json:
+        print(json.dumps({**table_to_dict(table), "tier": tier}, indent=2))
+        return 0
+    print(format_table(table))
+    if tier:
+        print(
+            f"tier {tier['name']}: OffloadConfig(num_layers_on_gpu={tier['num_layers_on_gpu']}, prefetch={args.prefetch}, "
+            f"residency={args.residency!r}), estimated {tier['vram_bytes'] / GiB:.2f} GiB of {tier['tier_bytes'] / GiB:.0f} GiB "
+            f"(planned for {tier['target_utilization']:.0%} of it)"
+        )
+    return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    for flag, value in (("--bandwidth-gbps", args.bandwidth_gbps), ("--device-memory-gbps", args.device_memory_gbps), ("--compute-ms", args.compute_ms)):
+        if value is not None and not 0 < value < float("inf"):
+            raise ConfigError(flag, value, "a finite number > 0")
+    if args.kv_tokens < 0:
+        raise ConfigError("--kv-tokens", args.kv_tokens, "an integer >= 0")
     if not 0 <= args.prefetch <= 8:
-        raise ConfigError("prefetch", args.prefetch, "an integer from 0 to 8")
+        raise ConfigError("--prefetch", args.prefetch, "an integer from 0 to 8")
+    if args.residency not in RESIDENCY_POLICIES:
+        raise ConfigError("--residency", args.residency, f"one of {', '.join(RESIDENCY_POLICIES)}")
+    if args.tier is not None and args.tier not in GPU_TIERS:
+        raise ConfigError("--tier", args.tier, f"one of {', '.join(GPU_TIERS)}")
+
+
+def _model_plan(args: argparse.Namespace) -> ModelPlan:
     dtype = DTYPES[args.dtype] if args.dtype else None
-    if args.model:
-        model_plan = ModelPlan.from_path(args.model, dtype)
-    else:
+    if args.model is None:
         from tracedoffload.default_model import default_model_config
 
-        model_plan = ModelPlan.from_config(default_model_config(), dtype or torch.float32)
-    rows = plan_table(model_plan, bandwidth_gbps=args.bandwidth_gbps, compute_ms_per_token=args.compute_ms, prefetch=args.prefetch, kv_tokens=args.kv_tokens, every_k=args.every_k)
-    if args.json:
-        print(json.dumps({"plan": {**dataclasses.asdict(model_plan), "dtype": str(model_plan.dtype)}, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
-    else:
-        print(format_table(rows, model_plan, args.bandwidth_gbps, args.compute_ms))
-    if args.tier:
-        config = config_for_tier(model_plan, args.tier, prefetch=args.prefetch)
-        print(f"tier {args.tier}: OffloadConfig(num_layers_on_gpu={config.num_layers_on_gpu}, prefetch={config.prefetch})")
-    return 0
+        return ModelPlan.from_config(default_model_config(), dtype or torch.float32)
+    try:
+        return ModelPlan.from_pretrained_path(args.model, dtype)
+    except ConfigError as error:
+        if error.field != "path":
+            raise
+        raise ConfigError("--model", args.model, error.valid) from None
+
+
+def _tier(model_plan: ModelPlan, args: argparse.Namespace) -> dict[str, Any]:
+    config = config_for_tier(model_plan, args.tier, prefetch=args.prefetch, residency=args.residency, kv_tokens=args.kv_tokens)
+    vram = estimate_vram(model_plan, config.num_layers_on_gpu, prefetch=args.prefetch, residency=args.residency, kv_tokens=args.kv_tokens)
+    return {
+        "name": args.tier,
+        "tier_bytes": GPU_TIERS[args.tier],
+        "target_utilization": DEFAULT_TARGET_UTILIZATION,
+        "num_layers_on_gpu": config.num_layers_on_gpu,
+        "vram_bytes": vram.total_bytes,
+        "config": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return str(value).removeprefix("torch.") if isinstance(value, (torch.device, torch.dtype)) else value

@@ -112,7 +112,7 @@ class TracingSession:
         self._clock = clock_for(offloader.device)
         offload_attributes = offload_span_attributes(offloader)
         self._timer = TokenTimer(self._clock.resolve, len(offloader.layers), host_clock=isinstance(self._clock, HostClock))
-        self._factory = SpanFactory(self.provider.resource, self._scope, (streams.copy_stream_name, streams.compute_stream_name), offload_attributes)
+        self._factory = SpanFactory(self.provider.resource, self._scope, streams.copy_stream_name, offload_attributes)
         quiet_point = self.monitor.quiet_point if self.monitor is not None else None
         self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes, quiet_point)
         self._offloader = offloader

@@ -141,10 +141,10 @@ def _overlap(start: int, end: int, compute_starts: list[int], compute_ends: list
 class SpanFactory:
     """Builds `ReadableSpan`s for one token. Used from the telemetry thread only."""
 
-    def __init__(self, resource: Resource, scope: InstrumentationScope, stream_names: tuple[str, str], offload_attributes: dict[str, Any]) -> None:
+    def __init__(self, resource: Resource, scope: InstrumentationScope, copy_stream: str, offload_attributes: dict[str, Any]) -> None:
         self.resource = resource
         self.scope = scope
-        self.copy_stream, self.compute_stream = stream_names
+        self.copy_stream = copy_stream
         self.offload_attributes = offload_attributes
 
     def token_span(self, timing: TokenTiming, sampled_by: str | None, events: tuple[Event, ...] = (), extra: dict[str, Any] | None = None) -> ReadableSpan:
