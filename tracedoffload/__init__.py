@@ -13,6 +13,8 @@ from tracedoffload.config import PRESETS, OffloadConfig
 from tracedoffload.layers import find_decoder_layers
 from tracedoffload.offloader import Offloader, offload
 from tracedoffload.timeline import LayerRecord, RecordingTimeline, Timeline
+from tracedoffload.tracing.sampling import SamplingPolicy
+from tracedoffload.tracing.session import TracingSession
 
 __all__ = [
     "PRESETS",
@@ -24,8 +26,10 @@ __all__ = [
     "OffloadConfig",
     "Offloader",
     "RecordingTimeline",
+    "SamplingPolicy",
     "Timeline",
     "TracedOffloadError",
+    "TracingSession",
     "find_decoder_layers",
     "offload",
 ]
