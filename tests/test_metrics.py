@@ -95,3 +95,25 @@ class TestPort:
         """A port above 65535 is refused."""
         with pytest.raises(ConfigError, match="metrics_port"):
             check_port_free(70000, "127.0.0.1")
+
+
+class TestOpenTelemetryInstruments:
+    def test_token_latency_reaches_the_otel_sdk_with_a_trace_exemplar(self):
+        """The same recording reaches OpenTelemetry instruments, the latency with the token's trace id as exemplar."""
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        reader = InMemoryMetricReader()
+        metrics = OffloadMetrics("tiny", registry=CollectorRegistry(), meter_provider=MeterProvider(metric_readers=[reader]))
+        trace_id, span_id = 0x1234567890ABCDEF1234567890ABCDEF, 0x1122334455667788
+        metrics.token(20_000_000, "decode", trace_id, span_id, [("transfer", 300_000), ("compute", 900_000)], 4096)
+        found = {
+            m.name: m
+            for rm in reader.get_metrics_data().resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+        }
+        assert {mn.TOKEN_LATENCY.otel, mn.LAYER_TRANSFER.otel, mn.LAYER_COMPUTE.otel, mn.BYTES_COPIED.otel} <= set(found)
+        point = found[mn.TOKEN_LATENCY.otel].data.data_points[0]
+        assert point.sum == 0.02
+        assert any(e.trace_id == trace_id for e in point.exemplars)

@@ -12,17 +12,20 @@ from tracedoffload._exceptions import (
 from tracedoffload.config import PRESETS, OffloadConfig
 from tracedoffload.layers import find_decoder_layers
 from tracedoffload.offloader import Offloader, offload
+from tracedoffload.planner import GPU_TIERS, ModelPlan, auto_config, config_for_tier
 from tracedoffload.timeline import LayerRecord, RecordingTimeline, Timeline
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 
 __all__ = [
+    "GPU_TIERS",
     "PRESETS",
     "ConfigError",
     "DeviceUnavailableError",
     "HookConflictError",
     "LayerDiscoveryError",
     "LayerRecord",
+    "ModelPlan",
     "OffloadConfig",
     "Offloader",
     "RecordingTimeline",
@@ -30,6 +33,8 @@ __all__ = [
     "Timeline",
     "TracedOffloadError",
     "TracingSession",
+    "auto_config",
+    "config_for_tier",
     "find_decoder_layers",
     "offload",
 ]

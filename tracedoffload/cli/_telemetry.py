@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 
@@ -21,7 +23,7 @@ from tracedoffload.metrics import OffloadMetrics, check_port_free, serve_metrics
 from tracedoffload.monitor import MemoryMonitor
 from tracedoffload.offloader import Offloader
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
-from tracedoffload.tracing.exporters.otlp import PROTOCOLS, otlp_requested, otlp_span_exporter
+from tracedoffload.tracing.exporters.otlp import PROTOCOLS, otlp_metric_exporter, otlp_requested, otlp_span_exporter
 from tracedoffload.tracing.exporters.perfetto import PerfettoExporter
 from tracedoffload.tracing.sampling import LEVELS, SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
@@ -90,6 +92,7 @@ class RunTelemetry:
     perfetto: Path | None = None
     metrics_server: Any = None
     metrics_port: int | None = None
+    meter_provider: MeterProvider | None = None
     stats: dict[str, Any] | None = None
 
     def finish(self, timeout_s: float = 10.0) -> None:
@@ -99,6 +102,9 @@ class RunTelemetry:
             self.stats = self.session.snapshot()
             if self.metrics is not None:
                 self.metrics.spans_dropped(self.stats.get("dropped_spans", 0))
+        if self.meter_provider is not None:
+            # Sends the last OTLP metrics; bounded by the exporter's own timeout.
+            self.meter_provider.shutdown(timeout_millis=timeout_s * 1000)
         if self.injector is not None:
             log.info("fault.leaked", kind=self.injector.kind, leaked_bytes=self.injector.leaked_bytes)
 
@@ -130,11 +136,14 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
         telemetry.perfetto = args.perfetto
         exporters.append(PerfettoExporter(args.perfetto))
     session = TracingSession(exporters, policy=policy, per_token_traces=not args.trace_per_generation)
-    if args.metrics_port is not None:
+    otlp = bool(args.otlp_endpoint or otlp_requested())
+    if args.metrics_port is not None or otlp:
         registry = CollectorRegistry()
-        telemetry.metrics = OffloadMetrics(model_name, registry=registry)
-        telemetry.metrics_server, telemetry.metrics_port = serve_metrics(registry, args.metrics_port, args.metrics_addr)
-        log.info("metrics.serving", url=f"http://{args.metrics_addr}:{telemetry.metrics_port}/metrics")
+        telemetry.meter_provider = _meter_provider(args) if otlp else MeterProvider()
+        telemetry.metrics = OffloadMetrics(model_name, registry=registry, meter_provider=telemetry.meter_provider)
+        if args.metrics_port is not None:
+            telemetry.metrics_server, telemetry.metrics_port = serve_metrics(registry, args.metrics_port, args.metrics_addr)
+            log.info("metrics.serving", url=f"http://{args.metrics_addr}:{telemetry.metrics_port}/metrics")
     telemetry.monitor = MemoryMonitor(offloader, kv_bytes_per_token, metrics=telemetry.metrics)
     session.monitor_memory(telemetry.monitor)
     if telemetry.metrics is not None:
@@ -160,6 +169,12 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
         log.warning("fault.injected", kind=args.inject_leak, note="memory is leaked on purpose; the leak detector should flag it")
     telemetry.session = session
     return telemetry
+
+
+def _meter_provider(args: argparse.Namespace) -> MeterProvider:
+    """OTLP metrics every 5 s (and at shutdown), to the same collector as the traces."""
+    exporter = otlp_metric_exporter(args.otlp_endpoint, args.otlp_protocol)
+    return MeterProvider(metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=5000)])
 
 
 def _maybe_profile(stats: Any, every: int) -> None:

@@ -1,4 +1,4 @@
-"""OTLP span exporters from the OpenTelemetry SDK, chosen and configured as the OTel environment says.
+"""OTLP span (and metric) exporters from the OpenTelemetry SDK, chosen and configured as the OTel environment says.
 
 Settings resolve as explicit argument -> `OTEL_EXPORTER_OTLP_TRACES_*` -> `OTEL_EXPORTER_OTLP_*`
 -> default, as the OpenTelemetry exporter specification orders them. The exporters themselves are
@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.sdk.environment_variables import (
@@ -34,6 +35,7 @@ DEFAULT_PROTOCOL = "grpc"
 # spans queue up behind it; a collector that is down should cost little.
 DEFAULT_TIMEOUT_S = 5.0
 OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+_METRICS_PATH = "/v1/metrics"
 _TRACES_PATH = "/v1/traces"
 _VALID_PROTOCOLS = (
     "grpc or http/protobuf (http/json is not supported by the OpenTelemetry Python SDK's exporters)"
@@ -92,14 +94,14 @@ def _resolve_timeout(timeout_s: float | None) -> float:
     return seconds
 
 
-def _http_traces_url(endpoint: str) -> str:
+def _http_traces_url(endpoint: str, signal_path: str = _TRACES_PATH) -> str:
     """A base endpoint gets the signal path, as OTEL_EXPORTER_OTLP_ENDPOINT does; a full one is kept."""
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError("otlp_endpoint", endpoint, "an http:// or https:// URL, e.g. http://localhost:4318")
     path = parts.path.rstrip("/")
-    if not path.endswith(_TRACES_PATH):
-        path += _TRACES_PATH
+    if not path.endswith(signal_path):
+        path += signal_path
     return urlunsplit(parts._replace(path=path))
 
 
@@ -192,3 +194,27 @@ def otlp_requested() -> bool:
     if _env(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is not None:
         return True
     return "otlp" in os.environ.get(OTEL_TRACES_EXPORTER, "").lower()
+
+
+def otlp_metric_exporter(endpoint: str | None = None, protocol: str | None = None, *, timeout_s: float | None = None) -> Any:
+    """The SDK's OTLP metric exporter, resolved like `otlp_span_exporter` (protocol, timeout, and
+    for http/protobuf a base endpoint gets `/v1/metrics`). With no endpoint the SDK exporter reads
+    `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT` itself.
+
+    Raises:
+        ConfigError: as `otlp_span_exporter`.
+    """
+    settings = _resolve_settings(None, protocol, timeout_s, None)
+    if endpoint is not None:
+        if not isinstance(endpoint, str) or not endpoint.strip():
+            raise ConfigError("otlp_endpoint", endpoint, "a URL such as http://localhost:4317, or None for the environment")
+        endpoint = endpoint.strip()
+        if settings.protocol == "http/protobuf":
+            endpoint = _http_traces_url(endpoint, _METRICS_PATH)
+    if settings.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetricExporter
+
+        return GrpcMetricExporter(endpoint=endpoint, timeout=settings.timeout_s)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
+
+    return HttpMetricExporter(endpoint=endpoint, timeout=settings.timeout_s)
