@@ -5,12 +5,14 @@ from __future__ import annotations
 import tracedoffload
 
 EXPECTED = [
+    "GPU_TIERS",
     "PRESETS",
     "ConfigError",
     "DeviceUnavailableError",
     "HookConflictError",
     "LayerDiscoveryError",
     "LayerRecord",
+    "ModelPlan",
     "OffloadConfig",
     "Offloader",
     "RecordingTimeline",
@@ -18,6 +20,8 @@ EXPECTED = [
     "Timeline",
     "TracedOffloadError",
     "TracingSession",
+    "auto_config",
+    "config_for_tier",
     "find_decoder_layers",
     "offload",
 ]

@@ -117,3 +117,17 @@ class TestBadInput:
             model = tiny_model()
         with pytest.raises(Exception, match="meta device"):
             offload(model, OffloadConfig(num_layers_on_gpu=2))
+
+
+class TestTierPresets:
+    def test_a_gpu_tier_preset_goes_straight_to_offload(self):
+        """OffloadConfig(preset="8gb") is resolved by offload() itself to the layers that fit (all, for a tiny model)."""
+        model = tiny_model()
+        with offload(model, OffloadConfig(preset="8gb", prefetch=2)) as offloader:
+            assert len(offloader.resident_indices) == 6
+            assert offloader.config.prefetch == 2 and offloader.config.num_layers_on_gpu == 6
+
+    def test_non_float_dtype_is_refused(self):
+        """dtype must be a floating-point dtype."""
+        with pytest.raises(ConfigError, match="floating-point"):
+            OffloadConfig(dtype=torch.int8)

@@ -77,8 +77,8 @@ class OffloadConfig:
             raise ConfigError("prefetch", self.prefetch, "an integer from 0 to 8")
         if self.residency not in RESIDENCY_POLICIES:
             raise ConfigError("residency", self.residency, f"one of {list(RESIDENCY_POLICIES)}")
-        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
-            raise ConfigError("dtype", self.dtype, "a torch.dtype such as torch.float16, or None")
+        if self.dtype is not None and (not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point):
+            raise ConfigError("dtype", self.dtype, "a floating-point torch.dtype such as torch.float16, or None")
         parse_device(self.device)
 
     def layers_on_gpu(self, num_layers: int) -> int:

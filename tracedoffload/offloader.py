@@ -88,6 +88,7 @@ def offload(
     layer_list = check_layer_list(model, layers) if layers is not None else find_decoder_layers(model)[1]
     device = resolve_device(config.device)
     _check_weights(model, config)
+    config = _resolve_tier(model, config)
     num_resident = config.layers_on_gpu(len(layer_list))
     resident = resident_layer_indices(config.residency, len(layer_list), num_resident)
     return Offloader(model, layer_list, config, device, resident, timeline or Timeline())
@@ -408,6 +409,16 @@ def _bind(method: Any, index: int) -> Any:
         return method(index, *args)
 
     return hook
+
+
+def _resolve_tier(model: nn.Module, config: OffloadConfig) -> OffloadConfig:
+    """A GPU-tier preset ("12gb", ...) becomes the manual layer count that fits the tier's memory."""
+    from tracedoffload.planner import GPU_TIERS, config_for_tier  # the planner imports this module
+
+    if config.preset not in GPU_TIERS:
+        return config
+    fields = {f: getattr(config, f) for f in ("pin_memory", "prefetch", "residency", "device", "dtype")}
+    return config_for_tier(model, config.preset, **fields)
 
 
 def _refuse_existing_hooks(model: nn.Module) -> None:

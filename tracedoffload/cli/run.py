@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         summary = run_summary(name, placement_figures(None, len(find_decoder_layers(model)[1]), device), generation, None)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
         return 0
-    offloader = offload(model, _resolve_tier(config, model, args))
+    offloader = offload(model, config)
     telemetry = _telemetry.start(args, policy, offloader, name, planner.kv_bytes_per_token(model.config, _weights_dtype(model)))
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
@@ -165,16 +165,6 @@ def _config_from_flags(args: argparse.Namespace, dtype: torch.dtype | None) -> O
     }
     fields = {key: value for key, value in given.items() if value is not None}
     return OffloadConfig(num_layers_on_gpu=args.num_gpu_layers, preset=args.preset, device=args.device, dtype=dtype, **fields)
-
-
-def _resolve_tier(config: OffloadConfig, model: torch.nn.Module, args: argparse.Namespace) -> OffloadConfig:
-    """A GPU tier preset becomes the planner's config for this model, with the user's flags on top."""
-    config_for_tier = getattr(planner, "config_for_tier", None)
-    if config.preset not in getattr(planner, "GPU_TIERS", {}) or config_for_tier is None:
-        return config
-    tier_config = config_for_tier(model, config.preset)
-    overrides = {key: getattr(config, key) for key in ("pin_memory", "prefetch", "residency") if getattr(args, key) is not None}
-    return dataclasses.replace(tier_config, device=config.device, dtype=config.dtype, **overrides)
 
 
 def _weights_dtype(model: torch.nn.Module) -> torch.dtype:
