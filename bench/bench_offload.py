@@ -21,7 +21,7 @@ import time
 import torch
 
 from tracedoffload import OffloadConfig, RecordingTimeline, offload
-from tracedoffload._summary import timeline_figures
+from tracedoffload.timeline import TRANSFER
 from tracedoffload.cli.run import generate_once
 from tracedoffload.default_model import ByteTokenizer, build_default_model
 from tracedoffload.logs import configure_logging
@@ -46,8 +46,15 @@ def offloaded_ms_per_token(model, tokenizer, config: OffloadConfig, tokens: int)
     with offload(model, config, timeline=timeline):
         generation = generate_once(model, tokenizer, PROMPT, tokens)
     # Read after detach (it synchronizes), so CUDA timing events have completed.
-    figures = timeline_figures(timeline)
-    return 1e3 * generation.seconds / generation.generated_tokens, figures["transfer_ms"] / figures["steps"]
+    transfer_ms = sum(_record_ms(r) for r in timeline.records(TRANSFER))
+    return 1e3 * generation.seconds / generation.generated_tokens, transfer_ms / len(timeline.steps)
+
+
+def _record_ms(record) -> float:
+    """A record's duration: host-clock ns on the CPU path, CUDA events on the GPU path."""
+    if isinstance(record.start, int):
+        return (record.end - record.start) / 1e6
+    return record.start.elapsed_time(record.end)
 
 
 def copy_ms_per_token(model, config: OffloadConfig, tokens: int) -> float:
