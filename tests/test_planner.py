@@ -328,16 +328,7 @@ class TestGpuTiers:
             assert OffloadConfig(preset=tier).preset == tier
 
 
-def _default_model_available() -> bool:
-    try:
-        from tracedoffload.default_model import default_model_config  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class TestPlanCommand:
-    @pytest.mark.skipif(not _default_model_available(), reason="tracedoffload.default_model not there yet")
     def test_default_table(self, capsys):
         """`tracedoffload plan` prints the preset table for the embedded 28-layer model."""
         assert main(["plan"]) == 0

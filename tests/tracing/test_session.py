@@ -10,7 +10,6 @@ import time
 import structlog
 import torch
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tracedoffload.logs import configure_logging
 from tracedoffload.tracing import names

@@ -34,6 +34,7 @@ from tracedoffload.tracing.recorder import GenerationInfo, StepPayload, TracingT
 from tracedoffload.tracing.sampling import SamplingPolicy, TailSampler
 from tracedoffload.tracing.stats import OffloadStats, StatsSpanProcessor
 from tracedoffload.tracing.token_spans import SpanFactory, TokenTimer, TokenTiming
+from tracedoffload.tracing.worker import TelemetryWorker
 
 log = structlog.get_logger("tracedoffload.tracing")
 
@@ -99,7 +100,7 @@ class TracingSession:
         self._timer: TokenTimer | None = None
         self._factory: SpanFactory | None = None
         self._clock: Any = None
-        self._worker = _start_worker(self._handle_step, max_queued_steps)
+        self._worker = TelemetryWorker(self._handle_step, max_queued_steps)
         self._closed = False
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -269,12 +270,6 @@ def _markers(payload: StepPayload) -> list[Any]:
         seen[id(record.start)] = record.start
         seen[id(record.end)] = record.end
     return list(seen.values())
-
-
-def _start_worker(handle: Callable[[Any], None], max_queued: int) -> Any:
-    from tracedoffload.tracing.worker import TelemetryWorker
-
-    return TelemetryWorker(handle, max_queued)
 
 
 # Recorders of live sessions, newest last: the log processor reads the current token from them.
