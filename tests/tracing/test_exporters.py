@@ -305,7 +305,7 @@ class TestOtlpJsonLinesExporter:
             ),
             _readable("a-none", span_id=0x12, resource=resource_a, scope=None, status=Status(StatusCode.OK)),
             _readable("a-y", span_id=0x13, resource=resource_a, scope=scope_y, kind=SpanKind.CONSUMER,
-                      attributes={"flags": (True, False), "words": ("a", "b"), "floats": (0.5, 2.0)}),
+                      attributes={"flags": (True, False), "words": ("a", "b"), "floats": (0.5, 2.0), "ints": (7, -1), "none": ()}),
         ]
         line = encode_otlp_json(spans)
         assert "\n" not in line

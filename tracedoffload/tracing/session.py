@@ -235,11 +235,9 @@ class TracingSession:
                 trace_id=f"{payload.trace_id:032x}",
                 span_id=f"{payload.span_id:016x}",
             )
-        # Layer spans are made only for tokens whose detail leaves the process: the statistics read
-        # the token span, which carries every layer's figures.
+        # Layer spans are made only for tokens whose detail leaves the process, and go to the
+        # exporters only: the statistics read the token span, which carries every layer's figures.
         layer_spans = self._factory.layer_spans(timing, token_span) if sampled_by is not None else []
-        for span in layer_spans:
-            self._stats_processor.on_end(span)
         self._stats_processor.on_end(token_span)
         if level in ("token", "layer"):
             for span in layer_spans:
