@@ -184,41 +184,47 @@ class SpanFactory:
         )
 
     def layer_spans(self, timing: TokenTiming, token_span: ReadableSpan) -> list[ReadableSpan]:
+        # Up to ~60 spans per token at full detail: names, the resource and the scope are hoisted
+        # into locals and records unpacked once (measured: a third of this method's time).
         parent = token_span.context
         trace_id = parent.trace_id
+        resource, scope, copy_stream = self.resource, self.scope, self.copy_stream
+        starts, ends, wait_ns, overlap_ns = timing.starts, timing.ends, timing.wait_ns, timing.overlap_ns
+        index_key, bytes_key, slot_key = names.LAYER_INDEX, names.LAYER_BYTES, names.LAYER_SLOT
+        span_names, getrandbits = _LAYER_SPAN_NAMES, random.getrandbits
         spans = []
-        for n, record in enumerate(timing.payload.records):
-            start_ns, end_ns = timing.starts[n], timing.ends[n]
+        for n, (kind, layer, _start, _end, nbytes, slot, prefetched) in enumerate(timing.payload.records):
+            start_ns, end_ns = starts[n], ends[n]
             # Only what varies: stream on transfers (computes and releases are always on the
             # compute stream), `offloaded` on computes (transfers and releases imply it).
-            if record.kind == TRANSFER:
-                seconds = (end_ns - start_ns) / 1e9
+            if kind == TRANSFER:
+                nanoseconds = end_ns - start_ns
                 attributes: dict[str, Any] = {
-                    names.LAYER_INDEX: record.layer_index,
-                    names.LAYER_BYTES: record.nbytes,
-                    names.LAYER_GBPS: round(record.nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0,
-                    names.LAYER_STREAM: self.copy_stream,
-                    names.LAYER_SLOT: record.slot,
-                    names.LAYER_PREFETCHED: record.prefetched,
-                    names.LAYER_OVERLAP_NS: timing.overlap_ns.get(n, 0),
+                    index_key: layer,
+                    bytes_key: nbytes,
+                    names.LAYER_GBPS: round(nbytes / nanoseconds, 3) if nanoseconds > 0 else 0.0,  # bytes/ns = GB/s
+                    names.LAYER_STREAM: copy_stream,
+                    slot_key: slot,
+                    names.LAYER_PREFETCHED: prefetched,
+                    names.LAYER_OVERLAP_NS: overlap_ns.get(n, 0),
                 }
-            elif record.kind == COMPUTE:
-                attributes = {names.LAYER_INDEX: record.layer_index, names.LAYER_OFFLOADED: record.slot >= 0}
-                if record.slot >= 0:
-                    attributes[names.LAYER_SLOT] = record.slot
-                    attributes[names.LAYER_WAIT_NS] = timing.wait_ns.get(n, 0)
+            elif kind == COMPUTE:
+                if slot >= 0:
+                    attributes = {index_key: layer, names.LAYER_OFFLOADED: True, slot_key: slot, names.LAYER_WAIT_NS: wait_ns.get(n, 0)}
+                else:
+                    attributes = {index_key: layer, names.LAYER_OFFLOADED: False}
             else:
-                attributes = {names.LAYER_INDEX: record.layer_index, names.LAYER_BYTES: record.nbytes, names.LAYER_SLOT: record.slot}
+                attributes = {index_key: layer, bytes_key: nbytes, slot_key: slot}
             spans.append(
                 ReadableSpan(
-                    name=_LAYER_SPAN_NAMES[record.kind],
-                    context=SpanContext(trace_id, random.getrandbits(64), is_remote=False, trace_flags=_SAMPLED),
-                    parent=parent,
-                    resource=self.resource,
-                    attributes=attributes,
+                    span_names[kind],
+                    SpanContext(trace_id, getrandbits(64), False, _SAMPLED),
+                    parent,
+                    resource,
+                    attributes,
                     start_time=start_ns,
                     end_time=end_ns,
-                    instrumentation_scope=self.scope,
+                    instrumentation_scope=scope,
                 )
             )
         return spans
