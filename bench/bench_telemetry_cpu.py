@@ -1,0 +1,142 @@
+"""CPU time of the telemetry, per token, next to the model's: prints figures (not a timed test).
+
+Wall-clock ratios (bench_tracing.py) swing with a noisy host; CPU time per thread swings much
+less, and the ratio of two CPU times taken in the same run hardly at all. Per round, in rotating
+order: tracing off, the default sampling, full layer detail (every span to an OTLP JSON-lines
+file). For each run it reads `time.thread_time()` on
+
+- the model's thread, around `generate()` (with tracing on this includes the hot-path recorder);
+- the telemetry thread, at each token listener call (the CPU it spent since the previous call is
+  that token's timing, spans, statistics and hand-off to the exporters);
+- the exporter thread, around each `export()` (encoding and writing the file).
+
+Prints medians over rounds, per generated token, and the telemetry's share of the model thread's
+CPU. Half the layers offloaded.
+
+    python bench/bench_telemetry_cpu.py --rounds 9 --tokens 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from tracedoffload import OffloadConfig, offload
+from tracedoffload.default_model import build_default_model
+from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
+from tracedoffload.tracing.sampling import SamplingPolicy
+from tracedoffload.tracing.session import TracingSession
+
+POLICIES = {"off": None, "default": SamplingPolicy(), "full": SamplingPolicy.full_detail()}
+
+
+class CpuTimedExporter(SpanExporter):
+    """Adds up the exporting thread's CPU time spent in the wrapped exporter's `export`."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self.cpu_s = 0.0
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        started = time.thread_time()
+        try:
+            return self.inner.export(spans)
+        finally:
+            with self._lock:
+                self.cpu_s += time.thread_time() - started
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class TelemetryCpu:
+    """A token listener: the telemetry thread's CPU time between consecutive tokens."""
+
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+        self._last: float | None = None
+
+    def __call__(self, timing: object, stats: object) -> None:
+        now = time.thread_time()
+        if self._last is not None:  # the first token's share includes thread start-up: left out
+            self.cpu_s += now - self._last
+        self._last = now
+
+
+def one_run(model, offloader, prompt, tokens: int, policy: SamplingPolicy | None, trace_dir: Path) -> dict[str, float]:
+    """CPU ms per token of the model's thread, the telemetry thread and the exporter thread."""
+    session = exporter = telemetry = None
+    if policy is not None:
+        exporter = CpuTimedExporter(OtlpJsonLinesExporter(trace_dir / f"{time.time_ns()}.otlp.jsonl"))
+        telemetry = TelemetryCpu()
+        session = TracingSession([exporter], policy=policy)
+        session.add_token_listener(telemetry)
+        session.attach(offloader)
+    started = time.thread_time()
+    with torch.inference_mode():
+        if session is None:
+            model.generate(prompt, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        else:
+            with session.generation("default", prompt.shape[1], tokens) as handle:
+                model.generate(prompt, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+                handle.output_tokens = tokens
+    model_cpu = time.thread_time() - started
+    if session is not None:
+        session.shutdown(30)  # every export done before the exporter's CPU time is read
+    per_token = 1e3 / tokens
+    return {
+        "model": model_cpu * per_token,
+        "telemetry": telemetry.cpu_s * 1e3 / (tokens - 1) if telemetry else 0.0,
+        "export": exporter.cpu_s * per_token if exporter else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--tokens", type=int, default=48)
+    args = parser.parse_args()
+
+    model = build_default_model()
+    offloader = offload(model, OffloadConfig(num_layers_on_gpu=len(model.model.layers) // 2, device="cpu"))
+    prompt = torch.arange(1, 17).unsqueeze(0)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in POLICIES}
+    with tempfile.TemporaryDirectory() as trace_dir:
+        one_run(model, offloader, prompt, 8, None, Path(trace_dir))  # warm-up
+        order = list(POLICIES)
+        for round_index in range(args.rounds):
+            for name in order[round_index % 3 :] + order[: round_index % 3]:
+                runs[name].append(one_run(model, offloader, prompt, args.tokens, POLICIES[name], Path(trace_dir)))
+    offloader.detach()
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[name])
+
+    print(f"CPU time per token, medians of {args.rounds} interleaved rounds x {args.tokens} tokens, half the layers offloaded")
+    print(f"  {'':8} {'model thread':>13} {'telemetry':>10} {'export':>9}")
+    for name in POLICIES:
+        print(f"  {name:<8} {median(name, 'model'):10.3f} ms {median(name, 'telemetry') * 1e3:7.0f} us {median(name, 'export') * 1e3:6.0f} us")
+    for name in ("default", "full"):
+        # Per round: the run's telemetry CPU over the untraced run's model CPU of the same round.
+        share = statistics.median(
+            (run["telemetry"] + run["export"]) / off["model"] for run, off in zip(runs[name], runs["off"], strict=True)
+        )
+        hot_path = statistics.median(run["model"] / off["model"] for run, off in zip(runs[name], runs["off"], strict=True))
+        print(f"{name:<7}: telemetry + export CPU / model CPU = {share:.4f};  model thread CPU traced / off = {hot_path:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The benchmark scripts run and print their ratios (figures only: nothing here is timed)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+RATIO = r"(\d+\.\d{4})"
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "patterns"),
+    [
+        ("bench_offload.py", [rf"\(b\) / \(\(a\) \+ \(c\)\)\s+= {RATIO}"]),
+        ("bench_tracing.py", [rf"full detail / off = {RATIO}", rf"default     / off = {RATIO}"]),
+        ("bench_telemetry_cpu.py", [rf"full   : telemetry \+ export CPU / model CPU = {RATIO}"]),
+    ],
+)
+def test_benchmark_prints_its_ratios(script: str, patterns: list[str]) -> None:
+    output = _run(script, "--rounds", "1", "--tokens", "4")
+    for pattern in patterns:
+        match = re.search(pattern, output)
+        assert match, f"{script} did not print {pattern!r}:\n{output}"
+        assert 0.0 < float(match.group(1)) < 100.0
