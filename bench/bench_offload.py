@@ -21,11 +21,11 @@ import time
 import torch
 
 from tracedoffload import OffloadConfig, RecordingTimeline, offload
-from tracedoffload.timeline import TRANSFER
 from tracedoffload.cli.run import generate_once
 from tracedoffload.default_model import ByteTokenizer, build_default_model
 from tracedoffload.logs import configure_logging
 from tracedoffload.offloader import resolve_device
+from tracedoffload.timeline import TRANSFER
 
 PROMPT = "Offloading moves the weights of a layer onto the device just before it runs."
 

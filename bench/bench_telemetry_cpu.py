@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from _generation import generate  # bench/ is on sys.path when a script in it runs
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
@@ -86,13 +87,7 @@ def one_run(model, offloader, prompt, tokens: int, policy: SamplingPolicy | None
         session.add_token_listener(telemetry)
         session.attach(offloader)
     started = time.thread_time()
-    with torch.inference_mode():
-        if session is None:
-            model.generate(prompt, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        else:
-            with session.generation("default", prompt.shape[1], tokens) as handle:
-                model.generate(prompt, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-                handle.output_tokens = tokens
+    generate(model, prompt, tokens, session)
     model_cpu = time.thread_time() - started
     if session is not None:
         session.shutdown(30)  # every export done before the exporter's CPU time is read

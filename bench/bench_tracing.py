@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from _generation import generate  # bench/ is on sys.path when a script in it runs
 
 from tracedoffload import OffloadConfig, offload
 from tracedoffload.default_model import build_default_model
@@ -32,13 +33,7 @@ def ms_per_token(model, offloader, prompt, tokens: int, policy: SamplingPolicy |
         session = TracingSession([OtlpJsonLinesExporter(trace_dir / f"{time.time_ns()}.otlp.jsonl")], policy=policy)
         session.attach(offloader)
     started = time.perf_counter()
-    with torch.inference_mode():
-        if session is None:
-            model.generate(prompt, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        else:
-            with session.generation("default", prompt.shape[1], tokens) as handle:
-                model.generate(prompt, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-                handle.output_tokens = tokens
+    generate(model, prompt, tokens, session)
     elapsed = (time.perf_counter() - started) * 1e3 / tokens
     stats = {}
     if session is not None:
