@@ -26,17 +26,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from _generation import generate  # bench/ is on sys.path when a script in it runs
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracedoffload import OffloadConfig, offload
-from tracedoffload.default_model import build_default_model
+from tracedoffload.cli.run import generate_once
+from tracedoffload.default_model import ByteTokenizer, build_default_model
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 
+PROMPT = "Offloading traces."  # 19 tokens with the byte tokenizer (its BOS and one per byte)
 POLICIES = {"off": None, "default": SamplingPolicy(), "full": SamplingPolicy.full_detail()}
 
 
@@ -87,7 +87,7 @@ def one_run(model, offloader, prompt, tokens: int, policy: SamplingPolicy | None
         session.add_token_listener(telemetry)
         session.attach(offloader)
     started = time.thread_time()
-    generate(model, prompt, tokens, session)
+    generate_once(model, ByteTokenizer(), prompt, tokens, session, "default")
     model_cpu = time.thread_time() - started
     if session is not None:
         session.shutdown(30)  # every export done before the exporter's CPU time is read
@@ -107,7 +107,7 @@ def main() -> None:
 
     model = build_default_model()
     offloader = offload(model, OffloadConfig(num_layers_on_gpu=len(model.model.layers) // 2, device="cpu"))
-    prompt = torch.arange(1, 17).unsqueeze(0)
+    prompt = PROMPT
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in POLICIES}
     with tempfile.TemporaryDirectory() as trace_dir:
         one_run(model, offloader, prompt, 8, None, Path(trace_dir))  # warm-up

@@ -15,15 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from _generation import generate  # bench/ is on sys.path when a script in it runs
-
 from tracedoffload import OffloadConfig, offload
-from tracedoffload.default_model import build_default_model
+from tracedoffload.cli.run import generate_once
+from tracedoffload.default_model import ByteTokenizer, build_default_model
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 
+PROMPT = "Offloading traces."  # 19 tokens with the byte tokenizer (its BOS and one per byte)
 POLICIES = {"off": None, "default": SamplingPolicy(), "full": SamplingPolicy.full_detail()}
 
 
@@ -32,9 +31,8 @@ def ms_per_token(model, offloader, prompt, tokens: int, policy: SamplingPolicy |
     if policy is not None:
         session = TracingSession([OtlpJsonLinesExporter(trace_dir / f"{time.time_ns()}.otlp.jsonl")], policy=policy)
         session.attach(offloader)
-    started = time.perf_counter()
-    generate(model, prompt, tokens, session)
-    elapsed = (time.perf_counter() - started) * 1e3 / tokens
+    generation = generate_once(model, ByteTokenizer(), prompt, tokens, session, "default")
+    elapsed = 1e3 * generation.seconds / generation.generated_tokens
     stats = {}
     if session is not None:
         session.shutdown(30)  # outside the timed region: export finishes before the next run
@@ -51,7 +49,7 @@ def main() -> None:
 
     model = build_default_model()
     offloader = offload(model, OffloadConfig(num_layers_on_gpu=len(model.model.layers) // 2, device=args.device))
-    prompt = torch.arange(1, 17).unsqueeze(0).to(offloader.device)
+    prompt = PROMPT
     results: dict[str, list[float]] = {name: [] for name in POLICIES}
     spans_exported = {}
     with tempfile.TemporaryDirectory() as trace_dir:
