@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Span
 
+from tracedoffload._exceptions import ConfigError
 from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import Timeline
 from tracedoffload.tracing import names
@@ -64,6 +65,8 @@ class TracingSession:
         resource: the OpenTelemetry resource; `Resource.create()` reads OTEL_SERVICE_NAME and
             OTEL_RESOURCE_ATTRIBUTES.
         max_queued_steps: steps waiting for the telemetry thread before new ones are dropped.
+        batch_interval_s: how long the telemetry thread rests between batches of steps (0: wake
+            for every token). Token listeners, hence live metrics, lag by up to this much.
         export: bounds of the export path.
 
     Threading: `attach`, `generation` and `shutdown` from the model's thread; `snapshot` from any.
@@ -78,8 +81,13 @@ class TracingSession:
         per_token_traces: bool = True,
         resource: Resource | None = None,
         max_queued_steps: int = 1024,
+        batch_interval_s: float = 0.1,
         export: ExportSettings | None = None,
     ) -> None:
+        if isinstance(max_queued_steps, bool) or not isinstance(max_queued_steps, int) or max_queued_steps < 1:
+            raise ConfigError("max_queued_steps", max_queued_steps, "an integer >= 1")
+        if isinstance(batch_interval_s, bool) or not isinstance(batch_interval_s, (int, float)) or not 0 <= batch_interval_s <= 10:
+            raise ConfigError("batch_interval_s", batch_interval_s, "seconds between 0 and 10")
         self.monitor: Any = None  # a MemoryMonitor, set by `monitor_memory`
         from tracedoffload import __version__
 
@@ -100,7 +108,7 @@ class TracingSession:
         self._timer: TokenTimer | None = None
         self._factory: SpanFactory | None = None
         self._clock: Any = None
-        self._worker = TelemetryWorker(self._handle_step, max_queued_steps)
+        self._worker = TelemetryWorker(self._handle_step, max_queued_steps, float(batch_interval_s))
         self._closed = False
 
     # -- wiring ---------------------------------------------------------------------------------
