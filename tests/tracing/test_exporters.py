@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import http.server
 import json
 import math
@@ -44,6 +43,8 @@ from tracedoffload.tracing.exporters import (
     read_otlp_jsonl,
 )
 from tracedoffload.tracing.spanview import SpanView
+
+from .otlp_protobuf import parse_as_protobuf
 
 MODEL = "tiny-model"
 GENERATION_SPAN = f"{names.GEN_AI_OPERATION} {MODEL}"
@@ -156,26 +157,6 @@ def _readable(
     )
 
 
-def _hex_ids_to_base64(node: Any) -> Any:
-    """OTLP/JSON carries ids as hex; protobuf's JSON parser wants bytes fields as base64."""
-    if isinstance(node, dict):
-        return {
-            key: (
-                base64.b64encode(bytes.fromhex(value)).decode()
-                if key in ("traceId", "spanId", "parentSpanId") and value
-                else _hex_ids_to_base64(value)
-            )
-            for key, value in node.items()
-        }
-    if isinstance(node, list):
-        return [_hex_ids_to_base64(item) for item in node]
-    return node
-
-
-def _parse_as_protobuf(line: str) -> ExportTraceServiceRequest:
-    return json_format.Parse(json.dumps(_hex_ids_to_base64(json.loads(line))), ExportTraceServiceRequest())
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -280,7 +261,7 @@ class TestOtlpJsonLinesExporter:
         spans = memory.get_finished_spans()
         assert len(lines) == len(spans)  # SimpleSpanProcessor exports one span per call
         for line, span in zip(lines, spans, strict=True):
-            assert _parse_as_protobuf(line) == encode_spans([span])
+            assert parse_as_protobuf(line) == encode_spans([span])
 
     def test_a_mixed_batch_groups_like_the_sdk_encoder(self, tmp_path: Path) -> None:
         """A batch mixing resources, scopes, kinds, trace state, remote parents, events, links and statuses encodes as encode_spans does."""
@@ -309,7 +290,7 @@ class TestOtlpJsonLinesExporter:
         ]
         line = encode_otlp_json(spans)
         assert "\n" not in line
-        parsed = _parse_as_protobuf(line)
+        parsed = parse_as_protobuf(line)
         assert parsed == encode_spans(spans)
         assert [len(rs.scope_spans) for rs in parsed.resource_spans] == [3, 1]
 
@@ -337,7 +318,7 @@ class TestOtlpJsonLinesExporter:
         span = _readable("s", attributes={"nan": math.nan, "inf": math.inf, "ninf": -math.inf})
         line = encode_otlp_json([span])
         json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
-        parsed = _parse_as_protobuf(line)
+        parsed = parse_as_protobuf(line)
         values = {kv.key: kv.value.double_value for kv in parsed.resource_spans[0].scope_spans[0].spans[0].attributes}
         assert math.isnan(values["nan"]) and values["inf"] == math.inf and values["ninf"] == -math.inf
         path = tmp_path / "t.jsonl"

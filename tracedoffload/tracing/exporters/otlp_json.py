@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring_ascii as _quote  # C-accelerated
 from typing import Any
 
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 __all__ = ["encode_otlp_json"]
 
@@ -24,6 +26,8 @@ __all__ = ["encode_otlp_json"]
 _KIND = {kind: kind.value + 1 for kind in SpanKind}
 _INTERNAL = SpanKind.INTERNAL
 _UNSET = StatusCode.UNSET
+_UNSET_STATUS = ReadableSpan("default", resource=Resource.get_empty())._status  # the Status(UNSET) object every span gets by default
+_NO_TRACE_STATE = DEFAULT_TRACE_STATE
 # SpanFlags bits 8 (context has is_remote) and 9 (is_remote), set as the SDK's protobuf encoder sets them.
 _FLAGS_LOCAL = 0x100
 _FLAGS_REMOTE = 0x300
@@ -143,6 +147,9 @@ def _parent_fields(span_id: int, is_remote: bool) -> str:
 
 def _span(span: ReadableSpan) -> str:
     if type(span) is ReadableSpan:
+        fast = _plain_span(span)
+        if fast is not None:
+            return fast
         # The SDK's finished span, read through the fields its properties wrap: `attributes`,
         # `events` and `links` build a fresh proxy or tuple on every read (measured: a quarter
         # of the per-span encoding time of a layer span).
@@ -192,6 +199,97 @@ def _span(span: ReadableSpan) -> str:
         lns,
         status_json,
     )
+
+
+# -- plain spans, by template ---------------------------------------------------------------------
+#
+# Most spans of a run are layer spans of a few fixed shapes: the same name and attribute keys with
+# values of the same types, no events, links, trace state or status. For each shape the whole span
+# is one %-format template, so a span costs one formatting call plus a quote for each string
+# (measured on a run's captured layer spans: 173 against 244 µs per token's 56 spans, same bytes).
+
+_SHAPES: dict[tuple[Any, ...], tuple[str, tuple[tuple[int, Any], ...]] | None] = {}
+_SHAPE_LIMIT = 1024
+
+
+def _bool_text(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _double_text(value: float) -> str:
+    if value - value == 0.0:
+        return repr(value)
+    return '"NaN"' if value != value else '"Infinity"' if value > 0 else '"-Infinity"'
+
+
+_TEMPLATED_VALUES = {
+    int: ('{"intValue":"%d"}}', None),
+    str: ('{"stringValue":%s}}', _quote),
+    bool: ('{"boolValue":%s}}', _bool_text),
+    float: ('{"doubleValue":%s}}', _double_text),
+}
+
+
+def _shape_template(name: str, keys: tuple[Any, ...], types: tuple[type, ...]) -> tuple[str, tuple[tuple[int, Any], ...]] | None:
+    """The span's text with %-slots for ids, times and values, and the converters of the values."""
+    parts, converters = [], []
+    for position, (key, kind) in enumerate(zip(keys, types)):
+        slot = _TEMPLATED_VALUES.get(kind)
+        if slot is None or type(key) is not str:
+            return None  # arrays, None, subclasses: the general path handles them
+        parts.append(_key_prefix(key).replace("%", "%%") + slot[0])
+        if slot[1] is not None:
+            converters.append((position, slot[1]))
+    template = (
+        '%s%016x%s,"name":' + _quote(name).replace("%", "%%")
+        + ',"kind":1,"startTimeUnixNano":"%d","endTimeUnixNano":"%d","attributes":[' + ",".join(parts) + '],"status":{}}'
+    )
+    return template, tuple(converters)
+
+
+# The ids around the span id, for the last parent seen: a token's layer spans come one after another.
+_last_ids: tuple[Any, int, str, str] = (None, 0, "", "")
+
+
+def _ids_around_span_id(trace_id: int, parent: Any) -> tuple[str, str]:
+    global _last_ids
+    last_parent, last_trace_id, head, tail = _last_ids  # one read: other exporter threads may swap it
+    if parent is last_parent and trace_id == last_trace_id and parent is not None:
+        return head, tail
+    head = '{"traceId":"' + _trace_hex(trace_id) + '","spanId":"'
+    tail = '"' + (_PARENTLESS if parent is None else _parent_fields(parent.span_id, parent.is_remote))
+    _last_ids = (parent, trace_id, head, tail)
+    return head, tail
+
+
+def _plain_span(span: ReadableSpan) -> str | None:
+    """A span of a plain shape by its template, or None for the general path."""
+    attributes, context, status = span._attributes, span._context, span._status
+    trace_state = context.trace_state
+    if (
+        type(attributes) is not dict
+        or not attributes
+        or span._events
+        or span._links
+        or span._kind is not _INTERNAL
+        or (trace_state is not _NO_TRACE_STATE and trace_state)
+        or not (status is _UNSET_STATUS or status is None or (status.status_code is _UNSET and not status.description))
+    ):
+        return None
+    key = (span._name, tuple(attributes), tuple(map(type, attributes.values())))
+    shape = _SHAPES.get(key, _SHAPES)
+    if shape is _SHAPES:
+        shape = _shape_template(*key) if type(span._name) is str else None
+        if len(_SHAPES) < _SHAPE_LIMIT:
+            _SHAPES[key] = shape
+    if shape is None:
+        return None
+    template, converters = shape
+    values = list(attributes.values())
+    for position, convert in converters:
+        values[position] = convert(values[position])
+    head, tail = _ids_around_span_id(context.trace_id, span._parent)
+    return template % (head, context.span_id, tail, span._start_time or 0, span._end_time or 0, *values)
 
 
 def _event(event: Any) -> str:
