@@ -25,7 +25,7 @@ def _run(script: str, *args: str) -> str:
     ("script", "patterns"),
     [
         ("bench_offload.py", [rf"\(b\) / \(\(a\) \+ \(c\)\)\s+= {RATIO}"]),
-        ("bench_tracing.py", [rf"full detail / off = {RATIO}", rf"default     / off = {RATIO}"]),
+        ("bench_tracing.py", [rf"generation:\n  full    / off = {RATIO}", rf"generation \+ flush:\n  full    / off = [\d.]+ .*\n  default / off = {RATIO}"]),
         ("bench_telemetry_cpu.py", [rf"full   : telemetry \+ export CPU / model CPU = {RATIO}"]),
     ],
 )

@@ -81,7 +81,7 @@ class TracingSession:
         per_token_traces: bool = True,
         resource: Resource | None = None,
         max_queued_steps: int = 1024,
-        batch_interval_s: float = 0.1,
+        batch_interval_s: float = 0.25,
         export: ExportSettings | None = None,
     ) -> None:
         if isinstance(max_queued_steps, bool) or not isinstance(max_queued_steps, int) or max_queued_steps < 1:
