@@ -95,3 +95,25 @@ def test_a_full_queue_drops_and_counts_without_blocking():
 def test_bad_session_settings_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         TracingSession([], **{field: value})
+
+
+def test_drain_does_not_wait_out_rests_while_steps_keep_arriving():
+    handled: list[int] = []
+    worker = TelemetryWorker(handled.append, batch_interval_s=LONG_REST_S)
+
+    def produce() -> None:
+        for item in range(100):
+            worker.submit(item)
+            time.sleep(0.002)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    time.sleep(0.02)
+    started = time.monotonic()
+    while producer.is_alive():
+        assert worker.drain(LONG_REST_S)
+    producer.join()
+    assert worker.drain(LONG_REST_S)
+    assert time.monotonic() - started < LONG_REST_S / 2
+    assert handled == list(range(100))
+    assert worker.stop(LONG_REST_S)

@@ -59,8 +59,8 @@ class TelemetryWorker:
     def drain(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for every queued item to be handled; True when all were."""
         deadline = time.monotonic() + timeout_s
-        self._wake.set()
         while self._queue.unfinished_tasks:
+            self._wake.set()  # again each time: steps may still arrive from another thread
             if time.monotonic() >= deadline or not self._thread.is_alive():
                 return False
             time.sleep(0.002)
