@@ -7,8 +7,8 @@ import math
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags
 
 from tracedoffload.tracing.exporters import otlp_json
 from tracedoffload.tracing.exporters.otlp_json import encode_otlp_json
@@ -51,7 +51,7 @@ def test_a_traced_run_encodes_byte_for_byte_as_the_general_path(memory_exporter,
         {"percent%d": 1, "s": "100%s é\"\n", "b": False, "t": True},
         {"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "f": 1e-300, "neg": -0.0},
         {"big": 2**70, "negative": -5, "zero": 0},
-        {"mixed": (1, 2), "after": 3},  # an array: the general path
+        {"ints": [1, 2, 3], "empty": (), "words": ("a", "b"), "flags": [True, False], "floats": (0.5, math.nan), "after": 3},
         {"none": None},  # not a valid attribute value: the general path writes {}
     ],
 )
@@ -59,6 +59,18 @@ def test_awkward_values_and_keys_give_the_same_bytes(attributes, monkeypatch):
     parent = SpanContext(TRACE_ID, 0x99, is_remote=True)
     spans = [_span("name with %s", attributes), _span("child", attributes, span_id=0x11, parent=parent), _span("again", attributes, span_id=0x12, parent=parent)]
     assert encode_otlp_json(spans) == _general_path(spans, monkeypatch)
+
+
+def test_events_and_links_are_written_as_the_general_path_writes_them(monkeypatch):
+    linked = SpanContext(0xABC, 0xDEF, is_remote=True)
+    spans = [
+        _span("with both", {"a": [1, 2]}, events=(Event("slow", {"reason": "p95"}, timestamp=1_200),), links=(Link(linked, {"why": "generation"}),)),
+        _span("with a link", {"a": [3]}, span_id=0x11, links=(Link(linked),)),
+        _span("with an event", {"a": [4]}, span_id=0x12, events=(Event("e", timestamp=1_300),)),
+    ]
+    fast = encode_otlp_json(spans)
+    assert fast == _general_path(spans, monkeypatch)
+    assert parse_as_protobuf(fast) == encode_spans(spans)
 
 
 def test_spans_outside_the_plain_shape_take_the_general_path(monkeypatch):
