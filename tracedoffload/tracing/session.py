@@ -3,7 +3,7 @@
     model thread                     telemetry thread                  exporter threads
     offloader hooks -> recorder --queue--> timings -> spans --+--> stats (every span)
                                                               +--> export fan-out (sampled)
-                                                                     -> BatchSpanProcessor -> exporter
+                                                                     -> SpanBatcher -> exporter
 
 The model's thread does O(1) work per token beyond appending records; spans, statistics and
 export all happen elsewhere, behind bounded queues.
@@ -248,9 +248,8 @@ class TracingSession:
         layer_spans = self._factory.layer_spans(timing, token_span) if sampled_by is not None else []
         self._stats_processor.on_end(token_span)
         if level in ("token", "layer"):
-            for span in layer_spans:
-                self._fanout.on_end(span)
-            self._fanout.on_end(token_span)
+            layer_spans.append(token_span)
+            self._fanout.export_token(layer_spans)
         for listener in self._listeners:
             listener(timing, self.stats)
 

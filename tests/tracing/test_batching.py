@@ -1,0 +1,139 @@
+"""SpanBatcher: batches bounded, a full queue refuses a token whole, flush and shutdown export all."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from tracedoffload.tracing.batching import SpanBatcher
+from tracedoffload.tracing.exporters.counting import CountingExporter
+
+LONG_DELAY_S = 30.0  # never reached by a passing test: exports must come from size, flush or shutdown
+
+
+class Recording(SpanExporter):
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.shutdowns = 0
+        self.gate = gate
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.batches.append([span.context.span_id for span in spans])
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def token(first_id: int, count: int) -> list[ReadableSpan]:
+    resource = Resource({"service.name": "batching"})
+    return [ReadableSpan("s", SpanContext(1, first_id + n, False, TraceFlags(1)), resource=resource) for n in range(count)]
+
+
+def test_a_full_batch_is_exported_without_waiting_for_the_delay():
+    exporter = Recording()
+    batcher = SpanBatcher(exporter, max_queue_size=100, schedule_delay_s=LONG_DELAY_S, max_export_batch_size=4)
+    batcher.offer(token(1, 3))
+    batcher.offer(token(4, 3))
+    deadline = time.monotonic() + 5
+    while not exporter.batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert exporter.batches and len(exporter.batches[0]) <= 4
+    batcher.shutdown()
+    assert sum(exporter.batches, []) == list(range(1, 7))  # every span once, in order
+    assert all(len(batch) <= 4 for batch in exporter.batches)
+
+
+def test_the_schedule_delay_exports_a_part_batch():
+    exporter = Recording()
+    batcher = SpanBatcher(exporter, max_queue_size=100, schedule_delay_s=0.05, max_export_batch_size=512)
+    batcher.offer(token(1, 2))
+    deadline = time.monotonic() + 5
+    while not exporter.batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert exporter.batches == [[1, 2]]
+    batcher.shutdown()
+
+
+def test_a_full_queue_refuses_a_token_whole_and_counts_it():
+    gate = threading.Event()  # the exporter is stuck: nothing leaves the queue
+    exporter = Recording(gate)
+    batcher = SpanBatcher(exporter, max_queue_size=10, schedule_delay_s=LONG_DELAY_S, max_export_batch_size=1000)
+    assert batcher.offer(token(1, 6))
+    assert not batcher.offer(token(7, 6))  # 12 > 10: none of the 6 is queued
+    assert batcher.offer(token(13, 4))
+    assert batcher.dropped == 6
+    gate.set()
+    batcher.shutdown()
+    assert sum(exporter.batches, []) == [*range(1, 7), *range(13, 17)]
+
+
+def test_force_flush_exports_what_is_queued_and_is_bounded_by_its_timeout():
+    exporter = Recording()
+    batcher = SpanBatcher(exporter, max_queue_size=100, schedule_delay_s=LONG_DELAY_S, max_export_batch_size=512)
+    batcher.offer(token(1, 3))
+    assert batcher.force_flush(5)
+    assert exporter.batches == [[1, 2, 3]]
+    batcher.shutdown()
+
+    gate = threading.Event()
+    stuck = SpanBatcher(Recording(gate), max_queue_size=100, schedule_delay_s=LONG_DELAY_S, max_export_batch_size=512)
+    stuck.offer(token(1, 1))
+    started = time.monotonic()
+    assert not stuck.force_flush(0.2)
+    assert time.monotonic() - started < 2
+    gate.set()
+    stuck.shutdown()
+
+
+def test_shutdown_exports_the_rest_refuses_more_and_shuts_the_exporter_once():
+    exporter = Recording()
+    batcher = SpanBatcher(exporter, max_queue_size=100, schedule_delay_s=LONG_DELAY_S, max_export_batch_size=512)
+    batcher.offer(token(1, 5))
+    batcher.shutdown()
+    batcher.shutdown()  # the tracer provider calls it again at exit
+    assert exporter.batches == [[1, 2, 3, 4, 5]]
+    assert exporter.shutdowns == 1
+    assert not batcher.offer(token(6, 2))
+    assert batcher.dropped == 2
+
+
+def test_a_raising_exporter_loses_its_batch_not_the_thread():
+    class Raising(Recording):
+        def export(self, spans):
+            if spans[0].context.span_id == 1:
+                raise RuntimeError("backend exploded")
+            return super().export(spans)
+
+    counted = CountingExporter(Raising())
+    batcher = SpanBatcher(counted, max_queue_size=100, schedule_delay_s=LONG_DELAY_S, max_export_batch_size=2)
+    batcher.offer(token(1, 2))
+    batcher.offer(token(3, 2))
+    assert batcher.force_flush(5)
+    batcher.shutdown()
+    counts = counted.counts()
+    assert (counts.failed, counts.exported) == (2, 2)
+
+
+def test_an_unwrapped_raising_exporter_does_not_stop_later_batches():
+    class RaisingOnce(Recording):
+        def export(self, spans):
+            if spans[0].context.span_id == 1:
+                raise RuntimeError("backend exploded")
+            return super().export(spans)
+
+    exporter = RaisingOnce()
+    batcher = SpanBatcher(exporter, max_queue_size=100, schedule_delay_s=LONG_DELAY_S, max_export_batch_size=2)
+    batcher.offer(token(1, 2))
+    batcher.offer(token(3, 2))
+    assert batcher.force_flush(5)
+    batcher.shutdown()
+    assert exporter.batches == [[3, 4]]
