@@ -11,10 +11,13 @@ export all happen elsewhere, behind bounded queues.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import os
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -71,6 +74,11 @@ class TracingSession:
 
     Threading: `attach`, `generation` and `shutdown` from the model's thread; `snapshot` from any.
     Never raises into the model: telemetry failures are logged and counted.
+
+    Processes: a session belongs to the process that made it. Its threads do not survive a fork,
+    so in a forked child (a pre-forking server's worker) the inherited session records nothing
+    and counts each step it drops; create a session in each worker after the fork (gunicorn's
+    `post_fork`), as OpenTelemetry advises for its own SDK.
     """
 
     def __init__(
@@ -96,7 +104,9 @@ class TracingSession:
         self.stats = OffloadStats()
         self._stats_processor = StatsSpanProcessor(self.stats)
         self._fanout = ExportFanout(list(exporters), export or ExportSettings())
-        self.provider = TracerProvider(resource=resource or Resource.create())
+        # Our own exit hook rather than the provider's: it drains the telemetry thread first,
+        # bounds the wait, and is a no-op in a forked child.
+        self.provider = TracerProvider(resource=resource or Resource.create(), shutdown_on_exit=False)
         self.provider.add_span_processor(self._stats_processor)
         self.provider.add_span_processor(self._fanout)
         self._tracer = self.provider.get_tracer(SCOPE_NAME, __version__)
@@ -110,11 +120,19 @@ class TracingSession:
         self._clock: Any = None
         self._worker = TelemetryWorker(self._handle_step, max_queued_steps, float(batch_interval_s))
         self._closed = False
+        self._pid = os.getpid()
+        self._orphaned = False  # set in a forked child, where the threads above do not exist
+        _LIVE_SESSIONS.add(self)
 
     # -- wiring ---------------------------------------------------------------------------------
 
     def attach(self, offloader: Offloader) -> None:
         """Start tracing `offloader`'s model (replaces its timeline)."""
+        if self._orphaned:
+            raise RuntimeError(
+                f"this TracingSession was created in process {self._pid} and its threads did not survive the fork "
+                f"into process {os.getpid()}: create a TracingSession in this process (after the fork)"
+            )
         if self.policy.level == "off":
             return
         streams = offloader.streams
@@ -152,7 +170,7 @@ class TracingSession:
         """Trace one generation: a `text_completion {model}` span that every token links to."""
         generation_id = secrets.token_hex(8)
         span = None
-        if self.policy.level != "off":
+        if self.policy.level != "off" and not self._orphaned:
             attributes: dict[str, Any] = {
                 names.GEN_AI_OPERATION_NAME: names.GEN_AI_OPERATION,
                 names.GEN_AI_PROVIDER_NAME: names.PROVIDER,
@@ -186,6 +204,8 @@ class TracingSession:
     @property
     def dropped_spans(self) -> int:
         """Spans lost so far: dropped before they were made, or handed to an exporter and not sent."""
+        if self._orphaned:  # the exporters' counters live on in the parent
+            return self._worker.dropped_spans
         return self._worker.dropped_spans + (self._fanout.lost() if self._closed else self._fanout.failed())
 
     def snapshot(self) -> dict[str, Any]:
@@ -197,6 +217,8 @@ class TracingSession:
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait (bounded) until every finished token is aggregated and handed to the exporters."""
+        if self._orphaned:
+            return False
         return self._worker.drain(timeout_s) and self._fanout.force_flush(int(timeout_s * 1000))
 
     def shutdown(self, timeout_s: float = 5.0) -> bool:
@@ -204,6 +226,9 @@ class TracingSession:
         if self._closed:
             return True
         self.detach()
+        if self._orphaned:  # nothing of this process was queued; the parent sends its own
+            self._closed = True
+            return not self._worker.dropped_spans
         drained = self._worker.stop(timeout_s)
         # A stuck exporter must not hold the caller past the budget: shut down on a daemon thread.
         closer = threading.Thread(target=self._fanout.shutdown, name="tracedoffload-export-shutdown", daemon=True)
@@ -219,7 +244,19 @@ class TracingSession:
     # -- the telemetry thread -------------------------------------------------------------------
 
     def _submit(self, payload: StepPayload) -> bool:
+        if self._orphaned:
+            # Not even a put: the queue's lock may have been held by the parent's telemetry
+            # thread at the fork, and would be held here for ever.
+            self._worker.refuse(spans=len(payload.records) + 1)
+            if self._worker.dropped_items == 1:
+                log.warning("tracing.forked_session", created_in=self._pid, pid=os.getpid(), hint="create a TracingSession after the fork")
+            return False
         return self._worker.submit(payload, spans=len(payload.records) + 1)
+
+    def _after_fork_in_child(self) -> None:
+        self._orphaned = True
+        self._worker.dropped_items = self._worker.dropped_spans = 0  # count this process's own
+        self.stats.reset_lock_after_fork()
 
     def _handle_step(self, payload: StepPayload) -> None:
         timing = self._timer.time(payload)
@@ -275,6 +312,24 @@ def _markers(payload: StepPayload) -> list[Any]:
         seen[id(record.start)] = record.start
         seen[id(record.end)] = record.end
     return list(seen.values())
+
+
+# Sessions of this process, marked orphaned in a forked child (before any of its code runs).
+_LIVE_SESSIONS: weakref.WeakSet[TracingSession] = weakref.WeakSet()
+
+
+def _orphan_sessions_in_child() -> None:
+    for session in list(_LIVE_SESSIONS):
+        session._after_fork_in_child()
+
+
+def _shut_sessions_down_at_exit() -> None:
+    for session in list(_LIVE_SESSIONS):
+        session.shutdown()
+
+
+os.register_at_fork(after_in_child=_orphan_sessions_in_child)
+atexit.register(_shut_sessions_down_at_exit)
 
 
 # Recorders of live sessions, newest last: the log processor reads the current token from them.

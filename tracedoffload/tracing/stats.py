@@ -63,6 +63,10 @@ class OffloadStats:
         self._generations = 0
         self._layer_detail_tokens = 0
 
+    def reset_lock_after_fork(self) -> None:
+        """In a forked child: a lock another thread held at the fork would never be released."""
+        self._lock = threading.Lock()
+
     def add(self, name: str, start_ns: int, end_ns: int, attributes: Mapping[str, Any], trace_id: int) -> None:
         with self._lock:
             if name == names.SPAN_TOKEN:

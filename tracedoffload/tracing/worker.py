@@ -52,9 +52,13 @@ class TelemetryWorker:
             self._queue.put_nowait(item)
             return True
         except queue.Full:
-            self.dropped_items += 1
-            self.dropped_spans += spans
+            self.refuse(spans)
             return False
+
+    def refuse(self, spans: int = 0) -> None:
+        """Count an item dropped without being queued."""
+        self.dropped_items += 1
+        self.dropped_spans += spans
 
     def drain(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for every queued item to be handled; True when all were."""
