@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import math
 
 from tracedoffload._exceptions import ConfigError
 
@@ -44,9 +45,9 @@ class SamplingPolicy:
             raise ConfigError("trace_level", self.level, f"one of {list(LEVELS)}")
         if isinstance(self.first_tokens, bool) or not isinstance(self.first_tokens, int) or self.first_tokens < 0:
             raise ConfigError("first_tokens", self.first_tokens, "an integer >= 0")
-        if self.slow_token_ms is not None and not self.slow_token_ms > 0:
+        if self.slow_token_ms is not None and not _positive_number(self.slow_token_ms):
             raise ConfigError("slow_token_ms", self.slow_token_ms, "a number of milliseconds > 0, or None")
-        if self.relative_to_p95 is not None and not self.relative_to_p95 > 0:
+        if self.relative_to_p95 is not None and not _positive_number(self.relative_to_p95):
             raise ConfigError("relative_to_p95", self.relative_to_p95, "a factor > 0 (e.g. 1.5), or None")
         if isinstance(self.every_n, bool) or not isinstance(self.every_n, int) or self.every_n < 1:
             raise ConfigError("every_n", self.every_n, "an integer >= 1 (1 exports every token's layers)")
@@ -57,6 +58,10 @@ class SamplingPolicy:
     def full_detail(cls) -> SamplingPolicy:
         """Every token's layer spans exported."""
         return cls(level="layer", every_n=1)
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 class TailSampler:
