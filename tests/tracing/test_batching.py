@@ -6,12 +6,15 @@ import threading
 import time
 from collections.abc import Sequence
 
+import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
+from tracedoffload._exceptions import ConfigError
 from tracedoffload.tracing.batching import SpanBatcher
+from tracedoffload.tracing.export import ExportSettings
 from tracedoffload.tracing.exporters.counting import CountingExporter
 
 LONG_DELAY_S = 30.0  # never reached by a passing test: exports must come from size, flush or shutdown
@@ -137,3 +140,24 @@ def test_an_unwrapped_raising_exporter_does_not_stop_later_batches():
     assert batcher.force_flush(5)
     batcher.shutdown()
     assert exporter.batches == [[3, 4]]
+
+
+class TestExportSettings:
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("max_export_batch_size", 0),  # would have the export thread spin
+            ("schedule_delay_millis", -5),
+            ("schedule_delay_millis", 0.5),
+            ("max_queue_size", 0),
+            ("max_queue_size", True),
+        ],
+    )
+    def test_bad_bounds_name_the_field(self, field, value):
+        with pytest.raises(ConfigError) as caught:
+            ExportSettings(**{field: value})
+        assert caught.value.field == field
+
+    def test_a_batch_larger_than_the_queue_is_refused(self):
+        with pytest.raises(ConfigError, match="max_queue_size"):
+            ExportSettings(max_queue_size=10, max_export_batch_size=20)

@@ -16,6 +16,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from tracedoffload._exceptions import ConfigError
 from tracedoffload.tracing.batching import SpanBatcher
 from tracedoffload.tracing.exporters.counting import CountingExporter
 
@@ -31,6 +32,15 @@ class ExportSettings:
     max_queue_size: int = 8192
     schedule_delay_millis: int = 500
     max_export_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        # A batch size of 0 would have the export thread spin without waiting.
+        for field, low in (("max_queue_size", 1), ("schedule_delay_millis", 1), ("max_export_batch_size", 1)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(field, value, f"an integer >= {low}")
+        if self.max_export_batch_size > self.max_queue_size:
+            raise ConfigError("max_export_batch_size", self.max_export_batch_size, f"an integer <= max_queue_size ({self.max_queue_size})")
 
 
 class ExportFanout(SpanProcessor):
