@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tracedoffload.cli import main
 
 
@@ -44,3 +46,44 @@ class TestReport:
         path.write_text("this is not json\n")
         assert main(["report", str(path)]) == 2
         assert "not an OTLP JSON-lines trace file" in capsys.readouterr().err
+
+    def test_a_directory_exits_2_saying_so(self, capsys, tmp_path):
+        assert main(["report", str(tmp_path)]) == 2
+        assert "is a directory" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("content", ["", "{}\n", '{"resourceSpans": []}\n'])
+    def test_a_file_without_token_spans_exits_2(self, capsys, tmp_path, content):
+        """An empty file, or one with no token spans, has no statistics to report: an error, not zeros."""
+        path = tmp_path / "empty.jsonl"
+        path.write_text(content)
+        assert main(["report", str(path)]) == 2
+        assert "holds no token spans" in capsys.readouterr().err
+
+    def test_a_generation_level_trace_says_which_level_is_needed(self, capsys, tmp_path):
+        path = tmp_path / "run.otlp.jsonl"
+        run_to_file(capsys, path, "--trace-level", "generation")
+        assert main(["report", str(path)]) == 2
+        assert "--trace-level token or layer" in capsys.readouterr().err
+
+    @pytest.mark.parametrize(
+        "attribute",
+        [
+            {"key": "token.layers.compute_ns", "value": {"arrayValue": {"values": [{"stringValue": "x"}]}}},
+            {"key": "token.layers.compute_ns", "value": {"intValue": "5"}},
+            {"key": "token.compute_ns", "value": {"arrayValue": {"values": [{"intValue": "1"}]}}},
+            {"key": "token.index", "value": {"arrayValue": {"values": []}}},
+        ],
+    )
+    def test_token_spans_with_wrongly_typed_attributes_exit_2(self, capsys, tmp_path, attribute):
+        """A token span whose figures have the wrong types is refused with one line, no traceback."""
+        span = {
+            "traceId": "0" * 31 + "1", "spanId": "0" * 15 + "2", "name": "token",
+            "startTimeUnixNano": "1000", "endTimeUnixNano": "2000", "attributes": [attribute],
+        }
+        line = {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"scope": {"name": "t"}, "spans": [span]}]}]}
+        path = tmp_path / "typed.jsonl"
+        path.write_text(json.dumps(line) + "\n")
+        assert main(["report", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "not an OTLP JSON-lines trace file" in err
+        assert "Traceback" not in err

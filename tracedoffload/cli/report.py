@@ -26,14 +26,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def report(args: argparse.Namespace) -> int:
     from tracedoffload.tracing.exporters.jsonl import read_otlp_jsonl
 
+    if args.file.is_dir():
+        raise TracedOffloadError(f"file={str(args.file)!r} is a directory: give the .otlp.jsonl file written by `tracedoffload run`")
     if not args.file.is_file():
         raise TracedOffloadError(f"file={str(args.file)!r}: no such file")
     if args.slowest < 0:
         raise TracedOffloadError(f"--slowest={args.slowest}: must be >= 0")
     try:
         stats = stats_from_spans(read_otlp_jsonl(args.file))
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise TracedOffloadError(f"file={str(args.file)!r} is not an OTLP JSON-lines trace file: {error}") from None
+    if not stats["tokens"]:
+        raise TracedOffloadError(
+            f"file={str(args.file)!r} holds no token spans: the statistics need a trace written at --trace-level token or layer"
+        )
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
