@@ -44,16 +44,37 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
     if level not in LOG_LEVELS:
         raise ConfigError("log_level", level, f"one of {list(LOG_LEVELS)}")
     renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    shared = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_token_trace_ids,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            add_token_trace_ids,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[structlog.contextvars.merge_contextvars, *shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_loggers(shared, renderer, level, stream)
+
+
+# Libraries that log through the standard library (the OpenTelemetry SDK's export retries and
+# failures): rendered like our own events, in the same format and stream.
+STDLIB_LOGGERS = ("opentelemetry",)
+
+
+def _route_stdlib_loggers(shared: list[Any], renderer: Any, level: str, stream: TextIO | None) -> None:
+    formatter = structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    handler.set_name("tracedoffload")
+    for name in STDLIB_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if h.get_name() == "tracedoffload"]:  # configured again
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(getattr(logging, level.upper()))
+        logger.propagate = False  # not twice, once here and once by a root handler

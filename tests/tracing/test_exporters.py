@@ -37,6 +37,7 @@ from tracedoffload.tracing.exporters import (
     ExportCounts,
     OtlpJsonLinesExporter,
     PerfettoExporter,
+    check_otlp_settings,
     encode_otlp_json,
     otlp_requested,
     otlp_span_exporter,
@@ -655,6 +656,21 @@ class TestOtlpSpanExporter:
             otlp_span_exporter("localhost:4318", "http/protobuf")
         assert caught.value.field == "otlp_endpoint"
 
+    @pytest.mark.parametrize("endpoint", ["notaurl", "ftp://collector:4317", "http://", "collector"])
+    def test_malformed_endpoint_in_environment_names_the_variable(self, clean_otel_env: pytest.MonkeyPatch, endpoint: str) -> None:
+        """A malformed OTEL_EXPORTER_OTLP_ENDPOINT fails at setup, naming the variable, not at the first export."""
+        clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        with pytest.raises(ConfigError) as caught:
+            check_otlp_settings()
+        assert caught.value.field == "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+    @pytest.mark.parametrize("endpoint", ["localhost:4317", "10.0.0.7:4317", "[::1]:4317", "https://collector.example:443"])
+    def test_grpc_takes_a_url_or_host_and_port(self, clean_otel_env: pytest.MonkeyPatch, endpoint: str) -> None:
+        """gRPC endpoints may be a URL or a bare host:port, from the argument or the environment."""
+        check_otlp_settings(endpoint, "grpc")
+        clean_otel_env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
+        check_otlp_settings()
+
     def test_grpc_delivers_to_a_loopback_collector(
         self, clean_otel_env: pytest.MonkeyPatch, grpc_collector: tuple[_GrpcCollector, int]
     ) -> None:
@@ -720,6 +736,8 @@ class TestOtlpRequested:
             ({"OTEL_TRACES_EXPORTER": "console,otlp"}, True),
             ({"OTEL_TRACES_EXPORTER": "OTLP"}, True),
             ({"OTEL_TRACES_EXPORTER": "none"}, False),
+            ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, False),
+            ({"OTEL_TRACES_EXPORTER": "console", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, False),
             ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, False),
         ],
     )

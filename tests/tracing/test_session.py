@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import io
 import json
+import logging
+import threading
 import time
 
 import structlog
@@ -289,8 +291,9 @@ class TestLogCorrelation:
         configure_logging("json", stream=stream)
         try:
             session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail())
-            from .conftest import tiny_model
             from tracedoffload import OffloadConfig, offload
+
+            from .conftest import tiny_model
 
             model = tiny_model()
             offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
@@ -307,3 +310,50 @@ class TestLogCorrelation:
         token = next(s for s in memory_exporter.get_finished_spans() if s.name == names.SPAN_TOKEN)
         assert event["trace_id"] == f"{token.context.trace_id:032x}"
         assert event["span_id"] == f"{token.context.span_id:016x}"
+
+    def test_events_logged_on_another_thread_during_a_token_carry_no_token_ids(self, memory_exporter):
+        """An exporter's or any other thread's event while a token computes is not that token's."""
+        stream = io.StringIO()
+        configure_logging("json", stream=stream)
+        try:
+            session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail())
+            from tracedoffload import OffloadConfig, offload
+
+            from .conftest import tiny_model
+
+            model = tiny_model()
+            offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
+            session.attach(offloader)
+            logger = structlog.get_logger("test")
+
+            def log_from_another_thread(*_):
+                other = threading.Thread(target=lambda: logger.info("elsewhere"))
+                other.start()
+                other.join()
+                logger.info("here")
+
+            model.model.layers[2].register_forward_hook(log_from_another_thread)
+            with torch.inference_mode(), session.generation("tiny", input_tokens=5):
+                model(torch.arange(5).unsqueeze(0))
+            session.shutdown(5)
+            offloader.detach()
+        finally:
+            configure_logging("console")
+        events = {event["event"]: event for event in map(json.loads, stream.getvalue().splitlines())}
+        assert "trace_id" in events["here"]
+        assert "trace_id" not in events["elsewhere"] and "span_id" not in events["elsewhere"]
+
+    def test_the_sdks_own_log_lines_are_rendered_like_ours(self):
+        """The OpenTelemetry SDK logs through the standard library (export retries, failures): with
+        --log-format json those lines are JSON too, on the same stream."""
+        stream = io.StringIO()
+        configure_logging("json", stream=stream)
+        try:
+            logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").warning("Transient error %s, retrying", "UNAVAILABLE")
+        finally:
+            configure_logging("console")
+        (line,) = stream.getvalue().splitlines()
+        event = json.loads(line)
+        assert event["event"] == "Transient error UNAVAILABLE, retrying"
+        assert event["level"] == "warning"
+        assert event["logger"] == "opentelemetry.exporter.otlp.proto.grpc.exporter"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,16 +24,24 @@ from tracedoffload.logs import LOG_FORMATS, LOG_LEVELS
 from tracedoffload.metrics import OffloadMetrics, check_port_free, serve_metrics
 from tracedoffload.monitor import MemoryMonitor
 from tracedoffload.offloader import Offloader
+from tracedoffload.tracing import names
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
-from tracedoffload.tracing.exporters.otlp import PROTOCOLS, otlp_metric_exporter, otlp_requested, otlp_span_exporter
+from tracedoffload.tracing.exporters.otlp import (
+    PROTOCOLS,
+    check_otlp_settings,
+    otlp_metric_exporter,
+    otlp_requested,
+    otlp_span_exporter,
+)
 from tracedoffload.tracing.exporters.perfetto import PerfettoExporter
 from tracedoffload.tracing.sampling import LEVELS, SamplingPolicy
-from tracedoffload.tracing.session import TracingSession
+from tracedoffload.tracing.session import TracingSession, default_resource
 from tracedoffload.tracing.summary import profile_summary
 
 log = structlog.get_logger("tracedoffload.cli")
 
 DEFAULT_TRACE_DIR = Path("traces")
+MAX_LINGER_S = 86_400
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +75,15 @@ def check_arguments(args: argparse.Namespace) -> SamplingPolicy:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(name, value, "an integer >= 1")
-    if args.metrics_linger < 0:
-        raise ConfigError("metrics_linger", args.metrics_linger, "seconds >= 0")
+    if not (math.isfinite(args.metrics_linger) and 0 <= args.metrics_linger <= MAX_LINGER_S):
+        raise ConfigError("metrics_linger", args.metrics_linger, f"seconds between 0 and {MAX_LINGER_S}")
+    if args.trace_level != "off":
+        if args.otlp_endpoint or otlp_requested():
+            check_otlp_settings(args.otlp_endpoint, args.otlp_protocol)
+        if not args.no_trace_file and args.trace_file is not None:
+            _check_output_path("trace_file", args.trace_file)
+        if args.perfetto is not None:
+            _check_output_path("perfetto", args.perfetto)
     if args.metrics_port is not None:
         check_port_free(args.metrics_port, args.metrics_addr)
     if args.inject_leak and args.trace_level == "off":
@@ -82,6 +99,20 @@ def check_arguments(args: argparse.Namespace) -> SamplingPolicy:
     )
 
 
+def _check_output_path(field: str, path: Path) -> None:
+    """A file that can be written: not a directory, in a directory that exists (or can be made) and
+    is writable. Checked before the model loads, so a typo does not cost a whole run."""
+    if path.is_dir():
+        raise ConfigError(field, str(path), "a file path (this is a directory)")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(field, str(path), f"a file in a directory that can be created ({error.strerror})") from None
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(field, str(path), "a writable file path")
+
+
 @dataclasses.dataclass
 class RunTelemetry:
     session: TracingSession | None = None
@@ -94,11 +125,14 @@ class RunTelemetry:
     metrics_port: int | None = None
     meter_provider: MeterProvider | None = None
     stats: dict[str, Any] | None = None
+    progress: _ProgressBar | None = None
 
     def finish(self, timeout_s: float = 10.0) -> None:
         """Flush and close the exporters (bounded); keep the statistics."""
         if self.session is not None:
             self.session.shutdown(timeout_s)
+            if self.progress is not None:
+                self.progress.close()
             self.stats = self.session.snapshot()
             if self.metrics is not None:
                 self.metrics.spans_dropped(self.stats.get("dropped_spans", 0))
@@ -151,18 +185,20 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
         session.add_token_listener(
             lambda timing, stats: metrics.token(
                 timing.duration_ns,
-                "prefill" if timing.payload.token_index == 0 else "decode",
+                names.PHASE_PREFILL if timing.payload.token_index == 0 else names.PHASE_DECODE,
                 timing.payload.trace_id,
                 timing.payload.span_id,
                 [(r.kind, e - s) for r, s, e in zip(timing.payload.records, timing.starts, timing.ends)],
-                timing.sums["token.transfer_bytes"],
+                timing.sums[names.TOKEN_TRANSFER_BYTES],
             )
         )
-    if args.profile_every:
-        every = args.profile_every
-        session.add_token_listener(lambda timing, stats: _maybe_profile(stats, every))
     if args.progress or (args.progress is None and sys.stderr.isatty()):
-        session.add_token_listener(_ProgressBar(args.max_new_tokens + 1))
+        # One step per new token: the prefill makes the first, each decode step one more.
+        telemetry.progress = _ProgressBar(args.max_new_tokens)
+        session.add_token_listener(telemetry.progress)
+    if args.profile_every:
+        every, progress = args.profile_every, telemetry.progress
+        session.add_token_listener(lambda timing, stats: _maybe_profile(stats, every, progress))
     session.attach(offloader)
     if args.inject_leak:
         telemetry.injector = inject_leak(offloader, args.inject_leak)
@@ -174,11 +210,13 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
 def _meter_provider(args: argparse.Namespace) -> MeterProvider:
     """OTLP metrics every 5 s (and at shutdown), to the same collector as the traces."""
     exporter = otlp_metric_exporter(args.otlp_endpoint, args.otlp_protocol)
-    return MeterProvider(metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=5000)])
+    return MeterProvider(resource=default_resource(), metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=5000)])
 
 
-def _maybe_profile(stats: Any, every: int) -> None:
+def _maybe_profile(stats: Any, every: int, progress: _ProgressBar | None) -> None:
     if stats.tokens and stats.tokens % every == 0:
+        if progress is not None:
+            progress.break_line()
         print(profile_summary(stats.snapshot(), stats.tokens), file=sys.stderr, flush=True)
 
 
@@ -189,10 +227,22 @@ class _ProgressBar:
         self.total = total
         self.width = width
         self.started = time.monotonic()
+        self._mid_line = False  # the bar is drawn and the cursor is after it
 
     def __call__(self, timing: Any, stats: Any) -> None:
         done = min(stats.tokens, self.total)
         filled = self.width * done // self.total
         rate = done / max(1e-9, time.monotonic() - self.started)
-        end = "\n" if done >= self.total else ""
-        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps  {rate:.1f} steps/s", end=end, file=sys.stderr, flush=True)
+        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps  {rate:.1f} steps/s", end="", file=sys.stderr, flush=True)
+        self._mid_line = True
+        if done >= self.total:
+            self.break_line()
+
+    def break_line(self) -> None:
+        """End the bar's line, so whatever is printed next starts on its own."""
+        if self._mid_line:
+            print(file=sys.stderr, flush=True)
+            self._mid_line = False
+
+    def close(self) -> None:
+        self.break_line()

@@ -22,6 +22,7 @@ GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 PROVIDER = "tracedoffload"
+SERVICE_NAME_DEFAULT = "tracedoffload"  # service.name when OTEL_SERVICE_NAME does not set one
 
 # -- offload configuration (generation and token spans) -----------------------------------------------
 OFFLOAD_GPU_LAYERS = "tracedoffload.offload.gpu_layers"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -44,6 +45,7 @@ class TokenContext(NamedTuple):
     trace_id: int
     span_id: int
     token_index: int
+    thread_id: int  # the model's thread: only events logged there belong to the token
 
 
 class TracingTimeline(Timeline):
@@ -83,7 +85,7 @@ class TracingTimeline(Timeline):
         self._records = []
         generation = self.generation
         trace_id = generation.span_context.trace_id if generation and not generation.per_token_traces and generation.span_context else random.getrandbits(128)
-        self.current = TokenContext(trace_id, random.getrandbits(64), self._token_index)
+        self.current = TokenContext(trace_id, random.getrandbits(64), self._token_index, threading.get_ident())
 
     def layer(self, record: LayerRecord) -> None:
         self._records.append(record)

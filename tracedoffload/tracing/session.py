@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import structlog
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import Event, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -65,8 +65,8 @@ class TracingSession:
         policy: level of detail and the tail rule for layer spans.
         per_token_traces: True (default): each token is its own trace linked to the generation;
             False: one trace per generation, tokens as children of the generation span.
-        resource: the OpenTelemetry resource; `Resource.create()` reads OTEL_SERVICE_NAME and
-            OTEL_RESOURCE_ATTRIBUTES.
+        resource: the OpenTelemetry resource; by default `default_resource()`: OTEL_SERVICE_NAME
+            and OTEL_RESOURCE_ATTRIBUTES, with service.name `tracedoffload` when neither names one.
         max_queued_steps: steps waiting for the telemetry thread before new ones are dropped.
         batch_interval_s: how long the telemetry thread rests between batches of steps (0: wake
             for every token). Token listeners, hence live metrics, lag by up to this much.
@@ -106,7 +106,7 @@ class TracingSession:
         self._fanout = ExportFanout(list(exporters), export or ExportSettings())
         # Our own exit hook rather than the provider's: it drains the telemetry thread first,
         # bounds the wait, and is a no-op in a forked child.
-        self.provider = TracerProvider(resource=resource or Resource.create(), shutdown_on_exit=False)
+        self.provider = TracerProvider(resource=resource or default_resource(), shutdown_on_exit=False)
         self.provider.add_span_processor(self._stats_processor)
         self.provider.add_span_processor(self._fanout)
         self._tracer = self.provider.get_tracer(SCOPE_NAME, __version__)
@@ -291,6 +291,15 @@ class TracingSession:
             listener(timing, self.stats)
 
 
+def default_resource() -> Resource:
+    """The SDK's resource from the environment, named `tracedoffload` unless the environment names
+    the service (the SDK's own fallback, `unknown_service:python3`, is not searchable)."""
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: names.SERVICE_NAME_DEFAULT}))
+    return resource
+
+
 def offload_span_attributes(offloader: Offloader) -> dict[str, Any]:
     """The offload configuration as span attributes (on the generation and on every token)."""
     return {
@@ -337,9 +346,11 @@ _ACTIVE_RECORDERS: list[TracingTimeline] = []
 
 
 def current_token_ids() -> tuple[int, int] | None:
-    """(trace_id, span_id) of the token being computed by the newest attached session, if any."""
+    """(trace_id, span_id) of the token being computed on this thread by the newest attached
+    session, if any (an exporter's or the telemetry thread's events belong to no token)."""
+    thread = threading.get_ident()
     for recorder in reversed(_ACTIVE_RECORDERS):
         current = recorder.current
-        if current is not None:
+        if current is not None and current.thread_id == thread:
             return current.trace_id, current.span_id
     return None

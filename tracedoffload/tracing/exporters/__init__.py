@@ -12,7 +12,7 @@ Example:
 
 from tracedoffload.tracing.exporters.counting import CountingExporter, ExportCounts
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter, encode_otlp_json, read_otlp_jsonl
-from tracedoffload.tracing.exporters.otlp import otlp_requested, otlp_span_exporter
+from tracedoffload.tracing.exporters.otlp import check_otlp_settings, otlp_requested, otlp_span_exporter
 from tracedoffload.tracing.exporters.perfetto import PerfettoExporter
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ExportCounts",
     "OtlpJsonLinesExporter",
     "PerfettoExporter",
+    "check_otlp_settings",
     "encode_otlp_json",
     "otlp_requested",
     "otlp_span_exporter",

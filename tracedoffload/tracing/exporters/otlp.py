@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -27,7 +28,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from tracedoffload._exceptions import ConfigError
 
-__all__ = ["DEFAULT_TIMEOUT_S", "PROTOCOLS", "otlp_requested", "otlp_span_exporter"]
+__all__ = ["DEFAULT_TIMEOUT_S", "PROTOCOLS", "check_otlp_settings", "otlp_requested", "otlp_span_exporter"]
 
 PROTOCOLS = ("grpc", "http/protobuf")
 DEFAULT_PROTOCOL = "grpc"
@@ -105,6 +106,19 @@ def _http_traces_url(endpoint: str, signal_path: str = _TRACES_PATH) -> str:
     return urlunsplit(parts._replace(path=path))
 
 
+# gRPC also takes a bare `host:port` (the SDK treats it as plaintext when OTEL_EXPORTER_OTLP_INSECURE says so).
+_HOST_PORT = re.compile(r"[A-Za-z0-9.\-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}")
+
+
+def _check_endpoint(field: str, endpoint: str, protocol: str) -> None:
+    parts = urlsplit(endpoint)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return
+    if protocol == "grpc" and _HOST_PORT.fullmatch(endpoint):
+        return
+    raise ConfigError(field, endpoint, "a URL such as http://localhost:4317 (grpc) or http://localhost:4318 (http/protobuf)")
+
+
 def _resolve_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
     if headers is None:
         return None
@@ -124,8 +138,13 @@ def _resolve_settings(
         if not isinstance(endpoint, str) or not endpoint.strip():
             raise ConfigError("otlp_endpoint", endpoint, "a URL such as http://localhost:4317, or None for the environment")
         endpoint = endpoint.strip()
+        _check_endpoint("otlp_endpoint", endpoint, resolved_protocol)
         if resolved_protocol == "http/protobuf":
             endpoint = _http_traces_url(endpoint)
+    else:
+        found = _env(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT)
+        if found is not None:
+            _check_endpoint(*found, resolved_protocol)
     return _OtlpSettings(
         protocol=resolved_protocol,
         endpoint=endpoint,
@@ -185,15 +204,26 @@ def otlp_span_exporter(
     return _build_exporter(_resolve_settings(endpoint, protocol, timeout_s, headers))
 
 
+def check_otlp_settings(endpoint: str | None = None, protocol: str | None = None) -> None:
+    """Resolve the OTLP settings now, as `otlp_span_exporter` would, without building anything:
+    so a bad flag or variable fails before a model is loaded.
+
+    Raises:
+        ConfigError: as `otlp_span_exporter`.
+    """
+    _resolve_settings(endpoint, protocol, None, None)
+
+
 def otlp_requested() -> bool:
     """Whether the environment asks for OTLP export.
 
-    True when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (not
-    blank), or `OTEL_TRACES_EXPORTER` names an otlp exporter.
+    `OTEL_TRACES_EXPORTER` decides when set (`otlp`: yes; `none`, `console`: no); otherwise True
+    when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (not blank).
     """
-    if _env(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is not None:
-        return True
-    return "otlp" in os.environ.get(OTEL_TRACES_EXPORTER, "").lower()
+    chosen = os.environ.get(OTEL_TRACES_EXPORTER, "").strip().lower()
+    if chosen:
+        return "otlp" in chosen
+    return _env(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is not None
 
 
 def otlp_metric_exporter(endpoint: str | None = None, protocol: str | None = None, *, timeout_s: float | None = None) -> Any:
