@@ -3,7 +3,8 @@
 A marker is host-clock nanoseconds (CPU path) or a CUDA timing event (GPU path). Both are
 relative clocks, so each generation takes an anchor: a (marker, time.time_ns()) pair taken
 together; a marker's wall time is the anchor's wall time plus the marker's distance from the
-anchor. Re-anchoring at every generation start keeps drift between the clocks bounded.
+anchor. Re-anchoring at every generation start, and every `REANCHOR_EVERY_S` between two steps
+of a long one (`recorder.py`), keeps drift between the clocks and the loss of precision bounded.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class HostClock:
 class CudaClock:
     """Markers are `torch.cuda.Event(enable_timing=True)` recorded on the stream that did the work.
 
-    `anchor()` synchronizes once (called at a generation start, never per layer). `resolve()` runs
+    `anchor()` synchronizes once (called at a generation start and every 10 s between steps,
+    never per layer). `resolve()` runs
     on the telemetry thread: `Event.synchronize()` waits for that one event only and releases the
     GIL while it waits, so the model's thread is never held up.
     """

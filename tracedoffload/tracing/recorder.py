@@ -10,12 +10,18 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanContext
 
 from tracedoffload.timeline import LayerRecord, Timeline
+
+# How often the clock is re-anchored to wall time, between two steps. CUDA event times are single
+# precision milliseconds from the anchor (about 1 µs of resolution 10 s away, 60 µs ten minutes
+# away), and the host and wall clocks drift apart; a CUDA anchor costs one synchronize.
+REANCHOR_EVERY_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +66,13 @@ class TracingTimeline(Timeline):
         anchor: Any,
         offload_attributes: Mapping[str, Any],
         quiet_point: Callable[[], Any] | None = None,
+        reanchor: Callable[[], Any] | None = None,
     ) -> None:
         self._submit = submit
         self._quiet_point = quiet_point
+        self._reanchor = reanchor
         self.anchor = anchor
+        self._anchored_at = time.monotonic()
         self.offload_attributes = dict(offload_attributes)
         self.generation: GenerationInfo | None = None
         self.current: TokenContext | None = None  # the token being computed, for log correlation
@@ -74,6 +83,7 @@ class TracingTimeline(Timeline):
     def begin_generation(self, generation: GenerationInfo, anchor: Any) -> None:
         self.generation = generation
         self.anchor = anchor
+        self._anchored_at = time.monotonic()
         self._token_index = 0
 
     def end_generation(self) -> None:
@@ -100,3 +110,7 @@ class TracingTimeline(Timeline):
         )
         self._records = []
         self._token_index += 1
+        # After the hand-over, so every marker of a step is read against one anchor taken before it.
+        if self._reanchor is not None and time.monotonic() - self._anchored_at >= REANCHOR_EVERY_S:
+            self.anchor = self._reanchor()
+            self._anchored_at = time.monotonic()

@@ -141,7 +141,7 @@ class TracingSession:
         self._timer = TokenTimer(self._clock.resolve, len(offloader.layers), host_clock=isinstance(self._clock, HostClock))
         self._factory = SpanFactory(self.provider.resource, self._scope, streams.copy_stream_name, offload_attributes)
         quiet_point = self.monitor.quiet_point if self.monitor is not None else None
-        self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes, quiet_point)
+        self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes, quiet_point, reanchor=self._clock.anchor)
         self._offloader = offloader
         offloader.timeline = self._recorder
         _ACTIVE_RECORDERS.append(self._recorder)
