@@ -34,6 +34,7 @@ class TestReport:
         out = capsys.readouterr().out
         assert "offload statistics (from spans)" in out
         assert live["slowest_tokens"][0]["trace_id"] in out
+        assert "dropped spans              not known from a trace file" in out
 
     def test_missing_file_exits_2(self, capsys, tmp_path):
         """A missing file is one error line naming it, exit status 2."""

@@ -115,8 +115,10 @@ class OffloadStats:
                 counts = layers["computes" if field == "compute_ns" else "transfers"]
                 counts[: len(values)] = map(operator.add, counts, map(bool, values))
 
-    def snapshot(self, dropped_spans: int = 0) -> dict[str, Any]:
-        """The metrics dict. Empty-run safe: with no tokens, `enabled` says so and figures are None."""
+    def snapshot(self, dropped_spans: int | None = 0) -> dict[str, Any]:
+        """The metrics dict. Empty-run safe: with no tokens, `enabled` says so and figures are None.
+        `dropped_spans` None: not known (statistics read back from a file, which cannot hold what
+        it lost)."""
         with self._lock:
             return _build_snapshot(self, dropped_spans)
 
@@ -125,7 +127,7 @@ def _ms(ns: float) -> float:
     return round(ns / 1e6, 3)
 
 
-def _build_snapshot(stats: OffloadStats, dropped_spans: int) -> dict[str, Any]:
+def _build_snapshot(stats: OffloadStats, dropped_spans: int | None) -> dict[str, Any]:
     totals = stats._totals
     gpu_layers = stats._offload.get(names.OFFLOAD_GPU_LAYERS)
     cpu_layers = stats._offload.get(names.OFFLOAD_CPU_LAYERS)
@@ -209,11 +211,12 @@ def _percentile(sorted_values: list[int], p: float) -> float:
 
 
 def stats_from_spans(spans: Iterable[SpanView]) -> dict[str, Any]:
-    """The same aggregation, over spans read back from an export."""
+    """The same aggregation, over spans read back from an export (`dropped_spans` None: a file
+    cannot say what never reached it)."""
     stats = OffloadStats()
     for span in spans:
         stats.add_view(span)
-    return stats.snapshot()
+    return stats.snapshot(dropped_spans=None)
 
 
 class StatsSpanProcessor(SpanProcessor):

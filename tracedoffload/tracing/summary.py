@@ -27,7 +27,7 @@ def stats_table(stats: dict[str, Any]) -> str:
         ("theoretical async savings", f"{stats['theoretical_async_savings_ms']:.2f} ms"),
         ("vram saved", f"{stats['vram_saved_gb']:.4f} GB  (pinned host {stats['pinned_bytes'] / 2**20:.1f} MiB)"),
         ("tokens with layer detail", str(stats["layer_detail_tokens"])),
-        ("dropped spans", str(stats["dropped_spans"])),
+        ("dropped spans", "not known from a trace file" if stats["dropped_spans"] is None else str(stats["dropped_spans"])),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(["offload statistics (from spans)"] + [f"  {name:<{width}}  {value}" for name, value in rows])
