@@ -73,6 +73,7 @@ class TestReport:
             {"key": "token.layers.compute_ns", "value": {"intValue": "5"}},
             {"key": "token.compute_ns", "value": {"arrayValue": {"values": [{"intValue": "1"}]}}},
             {"key": "token.index", "value": {"arrayValue": {"values": []}}},
+            {"key": "token.compute_ns", "value": {"doubleValue": "Infinity"}},
         ],
     )
     def test_token_spans_with_wrongly_typed_attributes_exit_2(self, capsys, tmp_path, attribute):
@@ -87,4 +88,5 @@ class TestReport:
         assert main(["report", str(path)]) == 2
         err = capsys.readouterr().err
         assert "not an OTLP JSON-lines trace file" in err
+        assert attribute["key"] in err  # the message names the attribute
         assert "Traceback" not in err

@@ -51,6 +51,12 @@ class TestBadTelemetryInput:
         line = run_error_before_loading(capsys, "--trace-file", str(blocker / "run.jsonl"))
         assert "trace_file=" in line and "directory" in line
 
+    def test_default_trace_directory_that_is_a_file(self, capsys, tmp_path, monkeypatch):
+        """The default traces/run-<time>.otlp.jsonl is checked like a given path."""
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "traces").write_text("not a directory")
+        assert "trace_file='traces/run-" in run_error_before_loading(capsys)
+
     @pytest.mark.parametrize("linger", ["inf", "nan", "-1", "100000"])
     def test_metrics_linger_out_of_range(self, capsys, linger):
         assert "metrics_linger=" in run_error_before_loading(capsys, "--no-trace-file", "--metrics-linger", linger)

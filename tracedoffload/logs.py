@@ -7,6 +7,7 @@ Processors are plain callables, each doing one thing; `configure_logging` puts t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -65,7 +66,9 @@ STDLIB_LOGGERS = ("opentelemetry",)
 
 def _route_stdlib_loggers(shared: list[Any], renderer: Any, level: str, stream: TextIO | None) -> None:
     formatter = structlog.stdlib.ProcessorFormatter(
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        # format_exc_info: a traceback as text (the console renderer would otherwise print frame
+        # locals, which in an exporter's frames include the OTLP headers, API keys among them).
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, renderer],
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
     )
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -78,3 +81,14 @@ def _route_stdlib_loggers(shared: list[Any], renderer: Any, level: str, stream: 
         logger.addHandler(handler)
         logger.setLevel(getattr(logging, level.upper()))
         logger.propagate = False  # not twice, once here and once by a root handler
+
+
+def _fresh_write_locks_in_child() -> None:
+    """structlog serialises writes with a lock per stream; one held by another thread at a fork
+    would be held for ever in the child (the standard library's logging resets its own)."""
+    locks = getattr(getattr(structlog, "_output", None), "WRITE_LOCKS", None)
+    if locks is not None:
+        locks.clear()  # new locks are made on the next write
+
+
+os.register_at_fork(after_in_child=_fresh_write_locks_in_child)

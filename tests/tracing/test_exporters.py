@@ -656,7 +656,9 @@ class TestOtlpSpanExporter:
             otlp_span_exporter("localhost:4318", "http/protobuf")
         assert caught.value.field == "otlp_endpoint"
 
-    @pytest.mark.parametrize("endpoint", ["notaurl", "ftp://collector:4317", "http://", "collector"])
+    @pytest.mark.parametrize(
+        "endpoint", ["notaurl", "ftp://collector:4317", "http://", "collector", "http://localhost:abc", "http://localhost:99999", "http://:4317", "localhost:0"]
+    )
     def test_malformed_endpoint_in_environment_names_the_variable(self, clean_otel_env: pytest.MonkeyPatch, endpoint: str) -> None:
         """A malformed OTEL_EXPORTER_OTLP_ENDPOINT fails at setup, naming the variable, not at the first export."""
         clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
@@ -664,7 +666,10 @@ class TestOtlpSpanExporter:
             check_otlp_settings()
         assert caught.value.field == "OTEL_EXPORTER_OTLP_ENDPOINT"
 
-    @pytest.mark.parametrize("endpoint", ["localhost:4317", "10.0.0.7:4317", "[::1]:4317", "https://collector.example:443"])
+    @pytest.mark.parametrize(
+        "endpoint",
+        ["localhost:4317", "10.0.0.7:4317", "[::1]:4317", "otel_collector:4317", "https://collector.example:443", "dns:///collector:4317", "unix:///run/otel.sock"],
+    )
     def test_grpc_takes_a_url_or_host_and_port(self, clean_otel_env: pytest.MonkeyPatch, endpoint: str) -> None:
         """gRPC endpoints may be a URL or a bare host:port, from the argument or the environment."""
         check_otlp_settings(endpoint, "grpc")

@@ -6,6 +6,7 @@ the child, which is the fault a pre-forking server would hit.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -14,8 +15,10 @@ import time
 import traceback
 
 import pytest
+import structlog
 import torch
 
+from tracedoffload.logs import configure_logging
 from tracedoffload.tracing.exporters.jsonl import read_otlp_jsonl
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
@@ -67,6 +70,7 @@ class TestForkedChild:
             assert snapshot["dropped_steps"] == 4, snapshot["dropped_steps"]
             assert snapshot["tokens"] == tokens_before  # the parent's figures, nothing new
             assert snapshot["dropped_spans"] > 0
+            assert "tracing.forked_session" in stream.getvalue()
             with pytest.raises(RuntimeError, match="create a TracingSession in this process"):
                 session.attach(offloader)
             assert session.flush(1) is False
@@ -74,9 +78,15 @@ class TestForkedChild:
             assert session.shutdown(5) is False  # it dropped steps
             assert time.monotonic() - started < 1
 
-        # The queue's lock held across the fork: a child that queued a step would hang on it.
-        with session._worker._queue.mutex:
-            code = run_in_fork(child)
+        # Locks held by other threads across the fork: the queue's (a child that queued a step
+        # would hang on it) and the log stream's (the child logs that its session is orphaned).
+        stream = io.StringIO()
+        configure_logging("json", stream=stream)
+        try:
+            with session._worker._queue.mutex, structlog._output._get_lock_for_file(stream):
+                code = run_in_fork(child)
+        finally:
+            configure_logging("console")
         assert code == 0
 
         # The parent goes on tracing as before, with nothing from the child.
@@ -116,5 +126,41 @@ def test_a_session_never_shut_down_is_flushed_at_exit(tmp_path):
         traced_generation(session, new_tokens=3, flush=False)
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    tokens = [span for span in read_otlp_jsonl(trace_file) if span.name == "token"]
+    assert len(tokens) == 3
+
+
+def test_at_exit_a_stuck_exporter_neither_holds_the_exit_nor_costs_another_session_its_spans(tmp_path):
+    """Two sessions never shut down, one behind an exporter that never returns: the process still
+    exits within the exit budget (plus start-up), and the other session's file is complete."""
+    trace_file = tmp_path / "spans.jsonl"
+    script = textwrap.dedent(f"""
+        import sys, threading
+        sys.path.insert(0, {str(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))!r})
+        from opentelemetry.sdk.trace.export import SpanExporter
+        from tests.tracing.conftest import traced_generation
+        from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
+        from tracedoffload.tracing.sampling import SamplingPolicy
+        from tracedoffload.tracing.session import TracingSession
+
+        class Stuck(SpanExporter):
+            def export(self, spans):
+                threading.Event().wait()
+
+        policy = SamplingPolicy.full_detail()
+        stuck = TracingSession([Stuck()], policy=policy, batch_interval_s=10)
+        traced_generation(stuck, new_tokens=3, flush=False).detach()
+        stuck.flush(0.5)  # the exporter is now inside its never-ending export
+        healthy = TracingSession([OtlpJsonLinesExporter({str(trace_file)!r})], policy=policy, batch_interval_s=10)
+        traced_generation(healthy, new_tokens=3, flush=False)
+        print("generated", flush=True)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for line in process.stdout:  # structlog's default logger also prints here
+        if line.strip() == "generated":
+            break
+    exit_began = time.monotonic()
+    assert process.wait(timeout=60) == 0
+    assert time.monotonic() - exit_began < 5.0 + 3.0  # the budget, and the interpreter's own exit
     tokens = [span for span in read_otlp_jsonl(trace_file) if span.name == "token"]
     assert len(tokens) == 3

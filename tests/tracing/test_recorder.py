@@ -47,7 +47,8 @@ class TestReanchoring:
         tokens = sorted((s for s in spans if s.name == names.SPAN_TOKEN), key=lambda s: s.attributes[names.TOKEN_INDEX])
         assert len(tokens) == 5
         for earlier, later in itertools.pairwise(tokens):
-            assert earlier.end_time <= later.start_time
+            # Two host-clock anchors can differ by the time between their two reads: well under 1 ms.
+            assert earlier.end_time <= later.start_time + 1_000_000
         for token in tokens:
             children = [s for s in spans if s.parent is not None and s.parent.span_id == token.context.span_id]
             assert children

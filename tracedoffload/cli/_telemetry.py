@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ def check_arguments(args: argparse.Namespace) -> SamplingPolicy:
     if args.trace_level != "off":
         if args.otlp_endpoint or otlp_requested():
             check_otlp_settings(args.otlp_endpoint, args.otlp_protocol)
-        if not args.no_trace_file and args.trace_file is not None:
+        if not args.no_trace_file:
+            # The default is resolved here, so it is checked like a given path.
+            args.trace_file = args.trace_file or DEFAULT_TRACE_DIR / f"run-{time.strftime('%Y%m%d-%H%M%S')}.otlp.jsonl"
             _check_output_path("trace_file", args.trace_file)
         if args.perfetto is not None:
             _check_output_path("perfetto", args.perfetto)
@@ -161,8 +164,7 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
         return telemetry
     exporters: list[SpanExporter] = []
     if not args.no_trace_file:
-        telemetry.trace_file = args.trace_file or DEFAULT_TRACE_DIR / f"run-{time.strftime('%Y%m%d-%H%M%S')}.otlp.jsonl"
-        telemetry.trace_file.parent.mkdir(parents=True, exist_ok=True)
+        telemetry.trace_file = args.trace_file  # resolved and checked by check_arguments
         exporters.append(OtlpJsonLinesExporter(telemetry.trace_file))
     if args.otlp_endpoint or otlp_requested():
         exporters.append(otlp_span_exporter(args.otlp_endpoint, args.otlp_protocol))
@@ -221,28 +223,44 @@ def _maybe_profile(stats: Any, every: int, progress: _ProgressBar | None) -> Non
 
 
 class _ProgressBar:
-    """A one-line progress bar on stderr, updated from the telemetry thread."""
+    """A one-line progress bar on stderr, updated from the telemetry thread; anything else written
+    to stderr meanwhile (log lines from any thread) first ends the bar's line: `end_progress_line`."""
 
     def __init__(self, total: int, width: int = 30) -> None:
         self.total = total
         self.width = width
         self.started = time.monotonic()
         self._mid_line = False  # the bar is drawn and the cursor is after it
+        self._lock = threading.Lock()  # a redraw and a line break from two threads do not interleave
+        _ACTIVE_BARS.append(self)
 
     def __call__(self, timing: Any, stats: Any) -> None:
         done = min(stats.tokens, self.total)
         filled = self.width * done // self.total
         rate = done / max(1e-9, time.monotonic() - self.started)
-        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps  {rate:.1f} steps/s", end="", file=sys.stderr, flush=True)
-        self._mid_line = True
+        with self._lock:
+            print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps  {rate:.1f} steps/s", end="", file=sys.stderr, flush=True)
+            self._mid_line = True
         if done >= self.total:
             self.break_line()
 
     def break_line(self) -> None:
         """End the bar's line, so whatever is printed next starts on its own."""
-        if self._mid_line:
-            print(file=sys.stderr, flush=True)
-            self._mid_line = False
+        with self._lock:
+            if self._mid_line:
+                print(file=sys.stderr, flush=True)
+                self._mid_line = False
 
     def close(self) -> None:
         self.break_line()
+        if self in _ACTIVE_BARS:
+            _ACTIVE_BARS.remove(self)
+
+
+_ACTIVE_BARS: list[_ProgressBar] = []
+
+
+def end_progress_line() -> None:
+    """Before writing to stderr: end a progress bar's line, if one is drawn."""
+    for bar in list(_ACTIVE_BARS):
+        bar.break_line()

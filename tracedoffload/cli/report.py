@@ -34,7 +34,7 @@ def report(args: argparse.Namespace) -> int:
         raise TracedOffloadError(f"--slowest={args.slowest}: must be >= 0")
     try:
         stats = stats_from_spans(read_otlp_jsonl(args.file))
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, ArithmeticError) as error:
         raise TracedOffloadError(f"file={str(args.file)!r} is not an OTLP JSON-lines trace file: {error}") from None
     if not stats["tokens"]:
         raise TracedOffloadError(

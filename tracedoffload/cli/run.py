@@ -180,6 +180,7 @@ class _CurrentStderr:
     """Writes to whatever `sys.stderr` is at the time (a test harness swaps it per test)."""
 
     def write(self, text: str) -> int:
+        _telemetry.end_progress_line()  # a log line never starts after the progress bar
         return sys.stderr.write(text)
 
     def flush(self) -> None:

@@ -19,7 +19,16 @@ class HostClock:
     """Markers from `time.perf_counter_ns()` (monotonic, high resolution)."""
 
     def anchor(self) -> Any:
-        return time.time_ns() - time.perf_counter_ns()
+        # The two clocks are read one after the other; of three tries the pair read closest
+        # together is kept, so a preemption between two reads does not shift a whole generation.
+        best_gap, offset = None, 0
+        for _ in range(3):
+            before = time.perf_counter_ns()
+            wall = time.time_ns()
+            after = time.perf_counter_ns()
+            if best_gap is None or after - before < best_gap:
+                best_gap, offset = after - before, wall - (before + after) // 2
+        return offset
 
     def resolve(self, anchor: Any, marker: int) -> int:
         return anchor + marker

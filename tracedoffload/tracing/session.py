@@ -17,6 +17,7 @@ import dataclasses
 import os
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -122,6 +123,7 @@ class TracingSession:
         self._closed = False
         self._pid = os.getpid()
         self._orphaned = False  # set in a forked child, where the threads above do not exist
+        self._fork_warned = False
         _LIVE_SESSIONS.add(self)
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -170,6 +172,9 @@ class TracingSession:
         """Trace one generation: a `text_completion {model}` span that every token links to."""
         generation_id = secrets.token_hex(8)
         span = None
+        if self._orphaned and not self._fork_warned:
+            self._fork_warned = True
+            log.warning("tracing.forked_session", created_in=self._pid, pid=os.getpid(), hint="create a TracingSession after the fork; steps are dropped")
         if self.policy.level != "off" and not self._orphaned:
             attributes: dict[str, Any] = {
                 names.GEN_AI_OPERATION_NAME: names.GEN_AI_OPERATION,
@@ -222,9 +227,11 @@ class TracingSession:
         return self._worker.drain(timeout_s) and self._fanout.force_flush(int(timeout_s * 1000))
 
     def shutdown(self, timeout_s: float = 5.0) -> bool:
-        """Flush and close the exporters, waiting at most about `timeout_s`; True when all was sent."""
+        """Flush and close the exporters, waiting at most about `timeout_s` in all; True when all
+        was sent."""
         if self._closed:
             return True
+        deadline = time.monotonic() + timeout_s
         self.detach()
         if self._orphaned:  # nothing of this process was queued; the parent sends its own
             self._closed = True
@@ -232,8 +239,12 @@ class TracingSession:
         drained = self._worker.stop(timeout_s)
         # A stuck exporter must not hold the caller past the budget: shut down on a daemon thread.
         closer = threading.Thread(target=self._fanout.shutdown, name="tracedoffload-export-shutdown", daemon=True)
-        closer.start()
-        closer.join(timeout_s)
+        try:
+            closer.start()
+        except RuntimeError:  # no new threads at interpreter exit (Python 3.12.0-3.12.1): unbounded, but sent
+            self._fanout.shutdown()
+        else:
+            closer.join(max(0.0, deadline - time.monotonic()))
         self._closed = True
         done = drained and not closer.is_alive()
         lost = self.dropped_spans
@@ -246,10 +257,8 @@ class TracingSession:
     def _submit(self, payload: StepPayload) -> bool:
         if self._orphaned:
             # Not even a put: the queue's lock may have been held by the parent's telemetry
-            # thread at the fork, and would be held here for ever.
+            # thread at the fork, and would be held here for ever. (Logged by `generation`.)
             self._worker.refuse(spans=len(payload.records) + 1)
-            if self._worker.dropped_items == 1:
-                log.warning("tracing.forked_session", created_in=self._pid, pid=os.getpid(), hint="create a TracingSession after the fork")
             return False
         return self._worker.submit(payload, spans=len(payload.records) + 1)
 
@@ -332,9 +341,30 @@ def _orphan_sessions_in_child() -> None:
         session._after_fork_in_child()
 
 
+EXIT_BUDGET_S = 5.0
+
+
 def _shut_sessions_down_at_exit() -> None:
+    """Send what live sessions still hold, side by side (a stuck exporter must not use up the
+    others' time) and all within one budget."""
+    deadline = time.monotonic() + EXIT_BUDGET_S
+    closers = []
     for session in list(_LIVE_SESSIONS):
-        session.shutdown()
+        closer = threading.Thread(target=_shut_down_quietly, args=(session, EXIT_BUDGET_S), daemon=True)
+        try:
+            closer.start()
+            closers.append(closer)
+        except RuntimeError:  # no new threads at interpreter exit (Python 3.12.0-3.12.1): in turn
+            _shut_down_quietly(session, max(0.05, deadline - time.monotonic()))
+    for closer in closers:
+        closer.join(max(0.0, deadline - time.monotonic()))
+
+
+def _shut_down_quietly(session: TracingSession, timeout_s: float) -> None:
+    try:
+        session.shutdown(timeout_s)
+    except Exception:  # noqa: BLE001 - one session's failure must not cost the others theirs
+        pass
 
 
 os.register_at_fork(after_in_child=_orphan_sessions_in_child)

@@ -75,6 +75,10 @@ class OffloadStats:
                 self._generations += 1
 
     def add_view(self, span: SpanView) -> None:
+        """Add a span read back from a file. Raises ValueError naming the attribute when a token
+        span's figures are not what this package writes (checked here only: live spans are ours)."""
+        if span.name == names.SPAN_TOKEN:
+            _check_token_figures(span.attributes)
         self.add(span.name, span.start_ns, span.end_ns, span.attributes, span.trace_id)
 
     @property
@@ -121,6 +125,20 @@ class OffloadStats:
         it lost)."""
         with self._lock:
             return _build_snapshot(self, dropped_spans)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_token_figures(attributes: Mapping[str, Any]) -> None:
+    for key in (*_TOKEN_SUMS, names.TOKEN_INDEX):
+        if key in attributes and not _is_int(attributes[key]):
+            raise ValueError(f"token span attribute {key}={attributes[key]!r}: expected an integer")
+    for key in _LAYER_FIELDS:
+        values = attributes.get(key)
+        if values is not None and not (isinstance(values, (list, tuple)) and all(_is_int(v) for v in values)):
+            raise ValueError(f"token span attribute {key}={values!r}: expected an array of integers, one per layer")
 
 
 def _ms(ns: float) -> float:

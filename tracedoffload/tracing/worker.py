@@ -72,13 +72,14 @@ class TelemetryWorker:
 
     def stop(self, timeout_s: float) -> bool:
         """Handle what is queued (within the timeout), then end the thread."""
+        deadline = time.monotonic() + timeout_s
         drained = self.drain(timeout_s)
         try:
-            self._queue.put(_STOP, timeout=max(0.0, timeout_s))
+            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
         except queue.Full:
             return False
         self._wake.set()
-        self._thread.join(timeout_s)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         return drained and not self._thread.is_alive()
 
     def _run(self) -> None:

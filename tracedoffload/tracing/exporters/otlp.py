@@ -106,17 +106,28 @@ def _http_traces_url(endpoint: str, signal_path: str = _TRACES_PATH) -> str:
     return urlunsplit(parts._replace(path=path))
 
 
-# gRPC also takes a bare `host:port` (the SDK treats it as plaintext when OTEL_EXPORTER_OTLP_INSECURE says so).
-_HOST_PORT = re.compile(r"[A-Za-z0-9.\-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}")
+# gRPC also takes what grpcio takes as a target: a bare `host:port`, or a name-resolver URI
+# (`dns:///collector:4317`, `unix:///run/otel.sock`); the SDK passes those on as they are.
+_HOST_PORT = re.compile(r"([A-Za-z0-9._\-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
+_GRPC_RESOLVERS = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+_VALID_ENDPOINT = "a URL such as http://localhost:4317 (grpc) or http://localhost:4318 (http/protobuf), with a host and a port from 1 to 65535"
 
 
 def _check_endpoint(field: str, endpoint: str, protocol: str) -> None:
     parts = urlsplit(endpoint)
-    if parts.scheme in ("http", "https") and parts.netloc:
-        return
-    if protocol == "grpc" and _HOST_PORT.fullmatch(endpoint):
-        return
-    raise ConfigError(field, endpoint, "a URL such as http://localhost:4317 (grpc) or http://localhost:4318 (http/protobuf)")
+    if parts.scheme in ("http", "https"):
+        try:
+            port = parts.port  # raises ValueError when not a number from 0 to 65535
+        except ValueError:
+            port = 0
+        if parts.hostname and port != 0:
+            return
+    elif protocol == "grpc":
+        if endpoint.startswith(_GRPC_RESOLVERS):
+            return
+        if _HOST_PORT.fullmatch(endpoint) and 0 < int(endpoint.rsplit(":", 1)[1]) <= 65535:
+            return
+    raise ConfigError(field, endpoint, _VALID_ENDPOINT)
 
 
 def _resolve_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
