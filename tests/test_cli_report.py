@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -90,3 +91,10 @@ class TestReport:
         assert "not an OTLP JSON-lines trace file" in err
         assert attribute["key"] in err  # the message names the attribute
         assert "Traceback" not in err
+
+    def test_slowest_lists_as_many_as_asked_beyond_the_default_ten(self, capsys, tmp_path):
+        path = tmp_path / "run.otlp.jsonl"
+        assert main(["run", "--max-new-tokens", "12", "--json", "--no-progress", "--trace-file", str(path)]) == 0
+        capsys.readouterr()
+        assert main(["report", str(path), "--slowest", "12"]) == 0
+        assert len(re.findall(r"token +\d+ +(?:prefill|decode) +trace [0-9a-f]{32}", capsys.readouterr().out)) == 12

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tracedoffload._exceptions import TracedOffloadError
-from tracedoffload.tracing.stats import stats_from_spans
+from tracedoffload.tracing.stats import SLOWEST_KEPT, stats_from_spans
 from tracedoffload.tracing.summary import slowest_tokens, stats_table
 
 
@@ -33,7 +33,7 @@ def report(args: argparse.Namespace) -> int:
     if args.slowest < 0:
         raise TracedOffloadError(f"--slowest={args.slowest}: must be >= 0")
     try:
-        stats = stats_from_spans(read_otlp_jsonl(args.file))
+        stats = stats_from_spans(read_otlp_jsonl(args.file), slowest_kept=max(args.slowest, SLOWEST_KEPT))
     except (ValueError, KeyError, TypeError, ArithmeticError) as error:
         raise TracedOffloadError(f"file={str(args.file)!r} is not an OTLP JSON-lines trace file: {error}") from None
     if not stats["tokens"]:

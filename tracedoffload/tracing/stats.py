@@ -51,8 +51,9 @@ log = structlog.get_logger("tracedoffload.tracing")
 class OffloadStats:
     """Accumulates spans; `snapshot()` gives the metrics dict. Thread-safe."""
 
-    def __init__(self, max_token_latencies: int = 100_000) -> None:
+    def __init__(self, max_token_latencies: int = 100_000, slowest_kept: int = SLOWEST_KEPT) -> None:
         self._lock = threading.Lock()
+        self._slowest_kept = slowest_kept
         self._totals = dict.fromkeys(_TOKEN_SUMS, 0)
         self._latencies: collections.deque[int] = collections.deque(maxlen=max_token_latencies)
         self._slowest: list[tuple[int, int, str, int, str]] = []  # min-heap of (ns, index, phase, trace id, generation)
@@ -99,7 +100,7 @@ class OffloadStats:
                 self._offload[key] = attributes[key]
         self._add_layers(attributes)
         entry = (duration_ns, int(attributes.get(names.TOKEN_INDEX, -1)), str(attributes.get(names.TOKEN_PHASE, "")), trace_id, str(attributes.get(names.GENERATION_ID, "")))
-        if len(self._slowest) < SLOWEST_KEPT:
+        if len(self._slowest) < self._slowest_kept:
             heapq.heappush(self._slowest, entry)
         elif entry > self._slowest[0]:
             heapq.heapreplace(self._slowest, entry)
@@ -228,10 +229,10 @@ def _percentile(sorted_values: list[int], p: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
 
 
-def stats_from_spans(spans: Iterable[SpanView]) -> dict[str, Any]:
+def stats_from_spans(spans: Iterable[SpanView], slowest_kept: int = SLOWEST_KEPT) -> dict[str, Any]:
     """The same aggregation, over spans read back from an export (`dropped_spans` None: a file
     cannot say what never reached it)."""
-    stats = OffloadStats()
+    stats = OffloadStats(slowest_kept=slowest_kept)
     for span in spans:
         stats.add_view(span)
     return stats.snapshot(dropped_spans=None)
