@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tracedoffload._checks import check_int, check_positive
 from tracedoffload._exceptions import ConfigError, DeviceUnavailableError
 from tracedoffload._packing import layer_tensors, plan_layout
 from tracedoffload.config import PRESETS, OffloadConfig, parse_device, resident_layer_indices, scale_preset
@@ -193,9 +193,9 @@ def estimate_vram(
     Raises:
         ConfigError: `gpu_layers`, `prefetch`, `residency` or `kv_tokens` out of range.
     """
-    _check_int("prefetch", prefetch, 0, 8)
-    _check_int("kv_tokens", kv_tokens, 0)
-    resident = set(resident_layer_indices(residency, plan.num_layers, _check_int("gpu_layers", gpu_layers, 0, plan.num_layers)))
+    check_int("prefetch", prefetch, 0, 8)
+    check_int("kv_tokens", kv_tokens, 0)
+    resident = set(resident_layer_indices(residency, plan.num_layers, check_int("gpu_layers", gpu_layers, 0, plan.num_layers)))
     offloaded = [size for i, size in enumerate(plan.layer_bytes) if i not in resident]
     return VramEstimate(
         base_bytes=plan.base_bytes,
@@ -259,10 +259,10 @@ def auto_config(
     """
     if isinstance(target_utilization, bool) or not isinstance(target_utilization, (int, float)) or not 0 < target_utilization <= 1:
         raise ConfigError("target_utilization", target_utilization, "a share in (0, 1], e.g. 0.9")
-    _check_int("headroom_bytes", headroom_bytes, 0)
+    check_int("headroom_bytes", headroom_bytes, 0)
     if free_bytes is None:
         free_bytes = free_device_bytes(device)
-    _check_int("free_bytes", free_bytes, 1)
+    check_int("free_bytes", free_bytes, 1)
     for field in ("num_layers_on_gpu", "preset"):
         if field in config:
             raise ConfigError(field, config[field], "not given: auto_config chooses the resident layers")
@@ -364,12 +364,12 @@ def plan_table(
     Raises:
         ConfigError: a rate or time is not a finite number > 0, or another argument is out of range.
     """
-    _check_positive("bandwidth_gbps", bandwidth_gbps)
+    check_positive("bandwidth_gbps", bandwidth_gbps)
     if compute_ms_per_token is None:
-        compute_ms = plan.total_bytes / (_check_positive("device_memory_gbps", device_memory_gbps) * 1e9) * 1e3
+        compute_ms = plan.total_bytes / (check_positive("device_memory_gbps", device_memory_gbps) * 1e9) * 1e3
         basis = f"estimated: every weight read once at {device_memory_gbps:g} GB/s device memory bandwidth"
     else:
-        compute_ms = _check_positive("compute_ms_per_token", compute_ms_per_token)
+        compute_ms = check_positive("compute_ms_per_token", compute_ms_per_token)
         basis = "given"
     labels: dict[int, list[str]] = {plan.num_layers: ["resident"]}
     for name, layers in PRESETS.items():
@@ -470,15 +470,3 @@ def _config_dtype(config: Any) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _check_int(field: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        raise ConfigError(field, value, f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}")
-    return value
-
-
-def _check_positive(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(field, value, "a finite number > 0")
-    return float(value)

@@ -16,6 +16,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.tracing.batching import SpanBatcher
 from tracedoffload.tracing.exporters.counting import CountingExporter
@@ -35,10 +36,8 @@ class ExportSettings:
 
     def __post_init__(self) -> None:
         # A batch size of 0 would have the export thread spin without waiting.
-        for field, low in (("max_queue_size", 1), ("schedule_delay_millis", 1), ("max_export_batch_size", 1)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(field, value, f"an integer >= {low}")
+        for field in ("max_queue_size", "schedule_delay_millis", "max_export_batch_size"):
+            check_int(field, getattr(self, field), 1)
         if self.max_export_batch_size > self.max_queue_size:
             raise ConfigError("max_export_batch_size", self.max_export_batch_size, f"an integer <= max_queue_size ({self.max_queue_size})")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import math
 
+from tracedoffload._checks import check_positive
 from tracedoffload._exceptions import ConfigError
 
 LEVELS = ("off", "generation", "token", "layer")
@@ -45,10 +45,10 @@ class SamplingPolicy:
             raise ConfigError("trace_level", self.level, f"one of {list(LEVELS)}")
         if isinstance(self.first_tokens, bool) or not isinstance(self.first_tokens, int) or self.first_tokens < 0:
             raise ConfigError("first_tokens", self.first_tokens, "an integer >= 0")
-        if self.slow_token_ms is not None and not _positive_number(self.slow_token_ms):
-            raise ConfigError("slow_token_ms", self.slow_token_ms, "a number of milliseconds > 0, or None")
-        if self.relative_to_p95 is not None and not _positive_number(self.relative_to_p95):
-            raise ConfigError("relative_to_p95", self.relative_to_p95, "a factor > 0 (e.g. 1.5), or None")
+        if self.slow_token_ms is not None:
+            check_positive("slow_token_ms", self.slow_token_ms, "a number of milliseconds > 0, or None")
+        if self.relative_to_p95 is not None:
+            check_positive("relative_to_p95", self.relative_to_p95, "a factor > 0 (e.g. 1.5), or None")
         if isinstance(self.every_n, bool) or not isinstance(self.every_n, int) or self.every_n < 1:
             raise ConfigError("every_n", self.every_n, "an integer >= 1 (1 exports every token's layers)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 8:
@@ -58,10 +58,6 @@ class SamplingPolicy:
     def full_detail(cls) -> SamplingPolicy:
         """Every token's layer spans exported."""
         return cls(level="layer", every_n=1)
-
-
-def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 class TailSampler:

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Span
 
+from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import Timeline
@@ -93,8 +94,7 @@ class TracingSession:
         batch_interval_s: float = 0.25,
         export: ExportSettings | None = None,
     ) -> None:
-        if isinstance(max_queued_steps, bool) or not isinstance(max_queued_steps, int) or max_queued_steps < 1:
-            raise ConfigError("max_queued_steps", max_queued_steps, "an integer >= 1")
+        check_int("max_queued_steps", max_queued_steps, 1)
         if isinstance(batch_interval_s, bool) or not isinstance(batch_interval_s, (int, float)) or not 0 <= batch_interval_s <= 10:
             raise ConfigError("batch_interval_s", batch_interval_s, "seconds between 0 and 10")
         self.monitor: Any = None  # a MemoryMonitor, set by `monitor_memory`
