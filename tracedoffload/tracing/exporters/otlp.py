@@ -95,11 +95,9 @@ def _resolve_timeout(timeout_s: float | None) -> float:
     return seconds
 
 
-def _http_traces_url(endpoint: str, signal_path: str = _TRACES_PATH) -> str:
+def _with_signal_path(endpoint: str, signal_path: str) -> str:
     """A base endpoint gets the signal path, as OTEL_EXPORTER_OTLP_ENDPOINT does; a full one is kept."""
     parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError("otlp_endpoint", endpoint, "an http:// or https:// URL, e.g. http://localhost:4318")
     path = parts.path.rstrip("/")
     if not path.endswith(signal_path):
         path += signal_path
@@ -130,6 +128,15 @@ def _check_endpoint(field: str, endpoint: str, protocol: str) -> None:
     raise ConfigError(field, endpoint, _VALID_ENDPOINT)
 
 
+def _resolve_endpoint(endpoint: object, protocol: str, signal_path: str) -> str:
+    """An endpoint given as an argument, checked; for http/protobuf a base URL gets `signal_path`."""
+    if not isinstance(endpoint, str) or not endpoint.strip():
+        raise ConfigError("otlp_endpoint", endpoint, "a URL such as http://localhost:4317, or None for the environment")
+    endpoint = endpoint.strip()
+    _check_endpoint("otlp_endpoint", endpoint, protocol)
+    return _with_signal_path(endpoint, signal_path) if protocol == "http/protobuf" else endpoint
+
+
 def _resolve_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
     if headers is None:
         return None
@@ -146,12 +153,7 @@ def _resolve_settings(
 ) -> _OtlpSettings:
     resolved_protocol = _resolve_protocol(protocol)
     if endpoint is not None:
-        if not isinstance(endpoint, str) or not endpoint.strip():
-            raise ConfigError("otlp_endpoint", endpoint, "a URL such as http://localhost:4317, or None for the environment")
-        endpoint = endpoint.strip()
-        _check_endpoint("otlp_endpoint", endpoint, resolved_protocol)
-        if resolved_protocol == "http/protobuf":
-            endpoint = _http_traces_url(endpoint)
+        endpoint = _resolve_endpoint(endpoint, resolved_protocol, _TRACES_PATH)
     else:
         found = _env(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT)
         if found is not None:
@@ -247,11 +249,7 @@ def otlp_metric_exporter(endpoint: str | None = None, protocol: str | None = Non
     """
     settings = _resolve_settings(None, protocol, timeout_s, None)
     if endpoint is not None:
-        if not isinstance(endpoint, str) or not endpoint.strip():
-            raise ConfigError("otlp_endpoint", endpoint, "a URL such as http://localhost:4317, or None for the environment")
-        endpoint = endpoint.strip()
-        if settings.protocol == "http/protobuf":
-            endpoint = _http_traces_url(endpoint, _METRICS_PATH)
+        endpoint = _resolve_endpoint(endpoint, settings.protocol, _METRICS_PATH)
     if settings.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetricExporter
 
