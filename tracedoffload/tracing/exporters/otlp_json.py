@@ -53,6 +53,17 @@ def _key_prefix(key: str) -> str:
     return prefix
 
 
+def _bool_text(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _double_text(value: float) -> str:
+    if value - value == 0.0:  # finite: repr is what json.dumps writes
+        return repr(value)
+    # proto3 JSON spells the non-finite doubles as strings
+    return '"NaN"' if value != value else '"Infinity"' if value > 0 else '"-Infinity"'
+
+
 def _value(value: Any) -> str:
     """An attribute value as OTLP/JSON `AnyValue` text."""
     # Exact type checks first: they are the common case, and bool must not pass as int.
@@ -62,12 +73,9 @@ def _value(value: Any) -> str:
     if kind is int:
         return '{"intValue":"' + str(value) + '"}'
     if kind is float:
-        if value - value == 0.0:  # finite: repr is what json.dumps writes
-            return '{"doubleValue":' + repr(value) + "}"
-        # proto3 JSON spells the non-finite doubles as strings
-        return '{"doubleValue":"' + ("NaN" if value != value else "Infinity" if value > 0 else "-Infinity") + '"}'
+        return '{"doubleValue":' + _double_text(value) + "}"
     if kind is bool:
-        return '{"boolValue":true}' if value else '{"boolValue":false}'
+        return '{"boolValue":' + _bool_text(value) + "}"
     if kind is tuple or kind is list:
         return '{"arrayValue":{"values":[' + ",".join([_value(v) for v in value]) + "]}}"
     return _value_slow(value)
@@ -212,16 +220,6 @@ def _events_and_links(span: ReadableSpan, events: Any, links: Any) -> str:
 
 _SHAPES: dict[tuple[Any, ...], tuple[str, tuple[tuple[int, Any], ...]] | None] = {}
 _SHAPE_LIMIT = 1024
-
-
-def _bool_text(value: bool) -> str:
-    return "true" if value else "false"
-
-
-def _double_text(value: float) -> str:
-    if value - value == 0.0:
-        return repr(value)
-    return '"NaN"' if value != value else '"Infinity"' if value > 0 else '"-Infinity"'
 
 
 _INT_ONLY = frozenset((int,))
