@@ -238,15 +238,11 @@ class TracingSession:
             return not self._worker.dropped_spans
         drained = self._worker.stop(timeout_s)
         # A stuck exporter must not hold the caller past the budget: shut down on a daemon thread.
-        closer = threading.Thread(target=self._fanout.shutdown, name="tracedoffload-export-shutdown", daemon=True)
-        try:
-            closer.start()
-        except RuntimeError:  # no new threads at interpreter exit (Python 3.12.0-3.12.1): unbounded, but sent
-            self._fanout.shutdown()
-        else:
+        closer = _start_daemon(self._fanout.shutdown)
+        if closer is not None:
             closer.join(max(0.0, deadline - time.monotonic()))
         self._closed = True
-        done = drained and not closer.is_alive()
+        done = drained and (closer is None or not closer.is_alive())
         lost = self.dropped_spans
         if lost or not done:
             log.warning("tracing.spans_lost", dropped_spans=lost, finished=done)
@@ -348,23 +344,29 @@ def _shut_sessions_down_at_exit() -> None:
     """Send what live sessions still hold, side by side (a stuck exporter must not use up the
     others' time) and all within one budget."""
     deadline = time.monotonic() + EXIT_BUDGET_S
-    closers = []
-    for session in list(_LIVE_SESSIONS):
-        closer = threading.Thread(target=_shut_down_quietly, args=(session, EXIT_BUDGET_S), daemon=True)
-        try:
-            closer.start()
-            closers.append(closer)
-        except RuntimeError:  # no new threads at interpreter exit (Python 3.12.0-3.12.1): in turn
-            _shut_down_quietly(session, max(0.05, deadline - time.monotonic()))
+    closers = [_start_daemon(_shut_down_quietly, session, deadline) for session in list(_LIVE_SESSIONS)]
     for closer in closers:
-        closer.join(max(0.0, deadline - time.monotonic()))
+        if closer is not None:
+            closer.join(max(0.0, deadline - time.monotonic()))
 
 
-def _shut_down_quietly(session: TracingSession, timeout_s: float) -> None:
+def _shut_down_quietly(session: TracingSession, deadline: float) -> None:
     try:
-        session.shutdown(timeout_s)
+        session.shutdown(max(0.05, deadline - time.monotonic()))
     except Exception:  # noqa: BLE001 - one session's failure must not cost the others theirs
         pass
+
+
+def _start_daemon(target: Callable[..., None], *args: Any) -> threading.Thread | None:
+    """`target(*args)` on a daemon thread, which is returned; where no thread can start (at
+    interpreter exit on Python 3.12.0-3.12.1) it runs here, unbounded, and None is returned."""
+    thread = threading.Thread(target=target, args=args, name="tracedoffload-shutdown", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        target(*args)
+        return None
+    return thread
 
 
 os.register_at_fork(after_in_child=_orphan_sessions_in_child)
