@@ -199,8 +199,8 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
         telemetry.progress = _ProgressBar(args.max_new_tokens)
         session.add_token_listener(telemetry.progress)
     if args.profile_every:
-        every, progress = args.profile_every, telemetry.progress
-        session.add_token_listener(lambda timing, stats: _maybe_profile(stats, every, progress))
+        every = args.profile_every
+        session.add_token_listener(lambda timing, stats: _maybe_profile(stats, every))
     session.attach(offloader)
     if args.inject_leak:
         telemetry.injector = inject_leak(offloader, args.inject_leak)
@@ -215,10 +215,9 @@ def _meter_provider(args: argparse.Namespace) -> MeterProvider:
     return MeterProvider(resource=default_resource(), metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=5000)])
 
 
-def _maybe_profile(stats: Any, every: int, progress: _ProgressBar | None) -> None:
+def _maybe_profile(stats: Any, every: int) -> None:
     if stats.tokens and stats.tokens % every == 0:
-        if progress is not None:
-            progress.break_line()
+        end_progress_line()
         print(profile_summary(stats.snapshot(), stats.tokens), file=sys.stderr, flush=True)
 
 
