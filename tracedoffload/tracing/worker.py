@@ -7,8 +7,8 @@ The thread works in batches: it handles everything queued, then rests `batch_int
 looking again. Each wake-up costs CPU beyond the work (a cold cache, a GIL hand-over): telemetry
 CPU per token as bench/bench_telemetry_cpu.py reads it, medians of 6 interleaved rounds: with
 the default sampling 294 µs waking per token, 144 µs resting 0.1 s, 111 µs resting 0.5 s; at
-full detail (another run) 442, 393 and 382 µs resting 0.1, 0.25 and 0.5 s. On a busy host that CPU is taken from the model.
-A `drain` or `stop` cuts the rest short.
+full detail (another run) 442, 393 and 382 µs resting 0.1, 0.25 and 0.5 s. On a busy host that
+CPU is taken from the model. A `drain` or `stop` cuts the rest short.
 """
 
 from __future__ import annotations
