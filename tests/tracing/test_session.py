@@ -13,12 +13,13 @@ import structlog
 import torch
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from tracedoffload import OffloadConfig, offload
 from tracedoffload.logs import configure_logging
 from tracedoffload.tracing import names
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 
-from .conftest import NUM_LAYERS, traced_generation
+from .conftest import NUM_LAYERS, tiny_model, traced_generation
 
 
 def by_trace(spans):
@@ -284,62 +285,46 @@ class TestNeverInTheWay:
         assert stats["tokens"] + stats["dropped_steps"] == 6
 
 
+def log_events_of_one_traced_forward(exporter, hook) -> list[dict]:
+    """Run one traced forward of the tiny model with `hook(logger)` called inside layer 2, logging
+    as JSON; return the events logged."""
+    stream = io.StringIO()
+    configure_logging("json", stream=stream)
+    try:
+        session = TracingSession([exporter], policy=SamplingPolicy.full_detail())
+        model = tiny_model()
+        offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
+        session.attach(offloader)
+        logger = structlog.get_logger("test")
+        model.model.layers[2].register_forward_hook(lambda *_: hook(logger))
+        with torch.inference_mode(), session.generation("tiny", input_tokens=5):
+            model(torch.arange(5).unsqueeze(0))
+        session.shutdown(5)
+        offloader.detach()
+    finally:
+        configure_logging("console")
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
 class TestLogCorrelation:
     def test_events_logged_during_a_token_carry_its_trace_id(self, memory_exporter):
         """A structlog event emitted inside a layer's forward carries that token's trace and span ids."""
-        stream = io.StringIO()
-        configure_logging("json", stream=stream)
-        try:
-            session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail())
-            from tracedoffload import OffloadConfig, offload
-
-            from .conftest import tiny_model
-
-            model = tiny_model()
-            offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
-            session.attach(offloader)
-            logger = structlog.get_logger("test")
-            model.model.layers[2].register_forward_hook(lambda *a: logger.info("inside.layer"))
-            with torch.inference_mode(), session.generation("tiny", input_tokens=5):
-                model(torch.arange(5).unsqueeze(0))
-            session.shutdown(5)
-            offloader.detach()
-        finally:
-            configure_logging("console")
-        event = next(json.loads(line) for line in stream.getvalue().splitlines() if "inside.layer" in line)
+        events = log_events_of_one_traced_forward(memory_exporter, lambda logger: logger.info("inside.layer"))
+        event = next(e for e in events if e["event"] == "inside.layer")
         token = next(s for s in memory_exporter.get_finished_spans() if s.name == names.SPAN_TOKEN)
         assert event["trace_id"] == f"{token.context.trace_id:032x}"
         assert event["span_id"] == f"{token.context.span_id:016x}"
 
     def test_events_logged_on_another_thread_during_a_token_carry_no_token_ids(self, memory_exporter):
         """An exporter's or any other thread's event while a token computes is not that token's."""
-        stream = io.StringIO()
-        configure_logging("json", stream=stream)
-        try:
-            session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail())
-            from tracedoffload import OffloadConfig, offload
 
-            from .conftest import tiny_model
+        def log_here_and_from_another_thread(logger):
+            other = threading.Thread(target=lambda: logger.info("elsewhere"))
+            other.start()
+            other.join()
+            logger.info("here")
 
-            model = tiny_model()
-            offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
-            session.attach(offloader)
-            logger = structlog.get_logger("test")
-
-            def log_from_another_thread(*_):
-                other = threading.Thread(target=lambda: logger.info("elsewhere"))
-                other.start()
-                other.join()
-                logger.info("here")
-
-            model.model.layers[2].register_forward_hook(log_from_another_thread)
-            with torch.inference_mode(), session.generation("tiny", input_tokens=5):
-                model(torch.arange(5).unsqueeze(0))
-            session.shutdown(5)
-            offloader.detach()
-        finally:
-            configure_logging("console")
-        events = {event["event"]: event for event in map(json.loads, stream.getvalue().splitlines())}
+        events = {e["event"]: e for e in log_events_of_one_traced_forward(memory_exporter, log_here_and_from_another_thread)}
         assert "trace_id" in events["here"]
         assert "trace_id" not in events["elsewhere"] and "span_id" not in events["elsewhere"]
 
