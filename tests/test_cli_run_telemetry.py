@@ -4,23 +4,14 @@ the terminal shows while it runs."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 
 import pytest
 
+from tests.servers import free_port
 from tracedoffload.cli import main
 
 MODEL_LOADED = "offload.attached"  # the first log line after the model is loaded and offloaded
-
-
-@pytest.fixture
-def clean_otel_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for key in list(os.environ):
-        if key.startswith("OTEL_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
 
 
 def run_error_before_loading(capsys, *flags: str) -> str:
@@ -32,10 +23,6 @@ def run_error_before_loading(capsys, *flags: str) -> str:
     return err.strip().splitlines()[-1]
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class TestBadTelemetryInput:
@@ -65,7 +52,7 @@ class TestBadTelemetryInput:
         assert "slow_token_ms=" in run_error_before_loading(capsys, "--no-trace-file", "--slow-token-ms", "nan")
 
     def test_bad_protocol_in_the_environment(self, capsys, clean_otel_env):
-        clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+        clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
         clean_otel_env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
         assert "OTEL_EXPORTER_OTLP_PROTOCOL" in run_error_before_loading(capsys, "--no-trace-file")
 
@@ -80,7 +67,7 @@ class TestBadTelemetryInput:
 class TestTelemetryEnvironment:
     def test_traces_exporter_none_turns_otlp_off(self, capsys, clean_otel_env):
         """OTEL_TRACES_EXPORTER=none wins over an endpoint: nothing is sent, so nothing is dropped."""
-        clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+        clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
         clean_otel_env.setenv("OTEL_TRACES_EXPORTER", "none")
         assert main(["run", "--max-new-tokens", "3", "--json", "--no-progress", "--no-trace-file"]) == 0
         assert json.loads(capsys.readouterr().out)["stats"]["dropped_spans"] == 0

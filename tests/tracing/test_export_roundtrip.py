@@ -3,9 +3,9 @@ collector that is down costs the generation nothing."""
 
 from __future__ import annotations
 
-import socket
 import time
 
+from tests.servers import free_port
 from tracedoffload.tracing import names
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter, read_otlp_jsonl
 from tracedoffload.tracing.exporters.otlp import otlp_span_exporter
@@ -14,12 +14,6 @@ from tracedoffload.tracing.session import TracingSession
 from tracedoffload.tracing.stats import stats_from_spans
 
 from .conftest import traced_generation
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def comparable(stats):
@@ -57,7 +51,7 @@ class TestFileRoundTrip:
 class TestCollectorDown:
     def test_otlp_to_a_closed_port_completes_and_counts_drops(self):
         """OTLP gRPC pointed at a closed loopback port: the generation completes and every lost span is counted."""
-        exporter = otlp_span_exporter(f"http://127.0.0.1:{closed_port()}", "grpc", timeout_s=1)
+        exporter = otlp_span_exporter(f"http://127.0.0.1:{free_port()}", "grpc", timeout_s=1)
         session = TracingSession([exporter], policy=SamplingPolicy.full_detail())
         started = time.monotonic()
         traced_generation(session, flush=False).detach()
@@ -70,7 +64,7 @@ class TestCollectorDown:
 
     def test_otlp_http_to_a_closed_port_counts_drops(self):
         """The same over OTLP/HTTP: nothing raises into the model and drops are counted."""
-        exporter = otlp_span_exporter(f"http://127.0.0.1:{closed_port()}", "http/protobuf", timeout_s=1)
+        exporter = otlp_span_exporter(f"http://127.0.0.1:{free_port()}", "http/protobuf", timeout_s=1)
         session = TracingSession([exporter], policy=SamplingPolicy(level="token"))
         traced_generation(session, flush=False).detach()
         session.shutdown(timeout_s=3)

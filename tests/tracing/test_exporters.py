@@ -30,6 +30,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from structlog.testing import capture_logs
 
+from tests.servers import free_port
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.tracing import names
 from tracedoffload.tracing.exporters import (
@@ -158,18 +159,6 @@ def _readable(
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def clean_otel_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for key in list(os.environ):
-        if key.startswith("OTEL_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
 
 
 class _GrpcCollector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -799,7 +788,7 @@ class TestCountingExporter:
 
     def test_unreachable_grpc_collector_is_a_counted_failure(self, clean_otel_env: pytest.MonkeyPatch) -> None:
         """The real gRPC exporter aimed at a closed loopback port returns FAILURE, counted, logged once, not raised."""
-        port = _free_port()
+        port = free_port()
         counting = CountingExporter(otlp_span_exporter(f"http://127.0.0.1:{port}", "grpc", timeout_s=0.5))
         spans = _spans(1, 1)
         with capture_logs() as logs:
