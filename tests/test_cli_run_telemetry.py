@@ -23,8 +23,6 @@ def run_error_before_loading(capsys, *flags: str) -> str:
     return err.strip().splitlines()[-1]
 
 
-
-
 class TestBadTelemetryInput:
     def test_trace_file_that_is_a_directory(self, capsys, tmp_path):
         assert "trace_file=" in run_error_before_loading(capsys, "--trace-file", str(tmp_path))

@@ -159,8 +159,6 @@ def _readable(
     )
 
 
-
-
 class _GrpcCollector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.requests: list[ExportTraceServiceRequest] = []
