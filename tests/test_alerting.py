@@ -71,7 +71,7 @@ class TestRules:
 
 
 def run_cli(port: int, *flags: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tracedoffload", "run", "--metrics-port", str(port), "--no-trace-file", "--no-progress", "--max-new-tokens", "40", *flags]
+    command = [sys.executable, "-m", "tracedoffload", "run", "--model", "random", "--metrics-port", str(port), "--no-trace-file", "--no-progress", "--max-new-tokens", "40", *flags]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

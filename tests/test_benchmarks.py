@@ -31,8 +31,18 @@ def _run(script: str, *args: str) -> str:
     ],
 )
 def test_benchmark_prints_its_ratios(script: str, patterns: list[str]) -> None:
-    output = _run(script, "--rounds", "1", "--tokens", "4")
+    """A smoke test: each benchmark runs (on the random model) and prints its ratios."""
+    output = _run(script, "--rounds", "1", "--tokens", "4", "--model", "random")
     for pattern in patterns:
         match = re.search(pattern, output)
         assert match, f"{script} did not print {pattern!r}:\n{output}"
+        assert 0.0 < float(match.group(1)) < 100.0
+
+
+def test_default_model_benchmark_prints_its_ratios() -> None:
+    """A smoke test: the default model's benchmark converts, loads from its cache and prints its ratios."""
+    output = _run("bench_default_model.py", "--load-rounds", "1", "--rounds", "1", "--tokens", "4")
+    for pattern in (rf"cached / first = {RATIO}", rf"balanced       / resident = {RATIO}", rf"resident, FTZ  / resident = {RATIO}"):
+        match = re.search(pattern, output)
+        assert match, f"bench_default_model.py did not print {pattern!r}:\n{output}"
         assert 0.0 < float(match.group(1)) < 100.0

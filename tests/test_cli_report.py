@@ -11,7 +11,7 @@ from tracedoffload.cli import main
 
 
 def run_to_file(capsys, path, *flags):
-    assert main(["run", "--max-new-tokens", "6", "--json", "--no-progress", "--trace-file", str(path), *flags]) == 0
+    assert main(["run", "--model", "random", "--max-new-tokens", "6", "--json", "--no-progress", "--trace-file", str(path), *flags]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -94,7 +94,7 @@ class TestReport:
 
     def test_slowest_lists_as_many_as_asked_beyond_the_default_ten(self, capsys, tmp_path):
         path = tmp_path / "run.otlp.jsonl"
-        assert main(["run", "--max-new-tokens", "12", "--json", "--no-progress", "--trace-file", str(path)]) == 0
+        assert main(["run", "--model", "random", "--max-new-tokens", "12", "--json", "--no-progress", "--trace-file", str(path)]) == 0
         capsys.readouterr()
         assert main(["report", str(path), "--slowest", "12"]) == 0
         assert len(re.findall(r"token +\d+ +(?:prefill|decode) +trace [0-9a-f]{32}", capsys.readouterr().out)) == 12

@@ -1,4 +1,4 @@
-"""`tracedoffload run`: one generation on the embedded model or a local directory, and bad input."""
+"""`tracedoffload run`: one generation on the random model or a local directory, and bad input."""
 
 from __future__ import annotations
 
@@ -10,20 +10,23 @@ import pytest
 import torch
 
 from tracedoffload.cli import main
-from tracedoffload.default_model import DEFAULT_MODEL_NAME
+from tracedoffload.models.random_model import RANDOM_MODEL_NAME
 
-from tests.test_default_model import save_tiny_qwen2
+from tests.models.tiny import save_tiny_qwen2
 
 
 def run_json(capsys, *flags: str) -> dict:
-    """Run `tracedoffload run --json` with 4 new tokens; return the printed summary."""
-    assert main(["run", "--max-new-tokens", "4", "--json", *flags]) == 0
+    """Run `tracedoffload run --json` with 4 new tokens (on the random model unless `flags` name
+    one); return the printed summary."""
+    model = () if "--model" in flags else ("--model", "random")
+    assert main(["run", *model, "--max-new-tokens", "4", "--json", *flags]) == 0
     return json.loads(capsys.readouterr().out)
 
 
 def run_error(capsys, *flags: str) -> str:
     """Run `tracedoffload run` expecting the bad-input exit code; return the error line."""
-    assert main(["run", "--max-new-tokens", "2", *flags]) == 2
+    model = () if "--model" in flags else ("--model", "random")
+    assert main(["run", *model, "--max-new-tokens", "2", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("tracedoffload run: error: ")
     return err[-1]
@@ -31,16 +34,16 @@ def run_error(capsys, *flags: str) -> str:
 
 class TestRunCommand:
     def test_text_summary(self, capsys):
-        """The default run prints the model, the layer split, the transfers and the output text."""
-        assert main(["run", "--max-new-tokens", "4"]) == 0
+        """A run prints the model, the layer split, the transfers and the output text."""
+        assert main(["run", "--model", "random", "--max-new-tokens", "4"]) == 0
         out = capsys.readouterr().out
-        for label in (DEFAULT_MODEL_NAME, "resident layers", "offloaded layers", "device slot pool bytes", "GB/s", "prefetched", "output:"):
+        for label in (RANDOM_MODEL_NAME, "resident layers", "offloaded layers", "device slot pool bytes", "GB/s", "prefetched", "output:"):
             assert label in out
 
     def test_json_summary_offloaded(self, capsys):
         """--json gives the figures: 4 tokens, a 12/16 split (balanced), copies of every offloaded layer."""
         summary = run_json(capsys)
-        assert summary["model"] == DEFAULT_MODEL_NAME
+        assert summary["model"] == RANDOM_MODEL_NAME
         assert summary["generated_tokens"] == 4
         assert (len(summary["resident_layers"]), len(summary["offloaded_layers"])) == (12, 16)
         assert summary["device_pool_bytes"] > 0
@@ -66,7 +69,7 @@ class TestRunCommand:
     def test_subprocess_json_stdout_is_clean(self):
         """`python -m tracedoffload.cli run --json` exits 0 with only JSON on stdout (logs on stderr)."""
         done = subprocess.run(
-            [sys.executable, "-m", "tracedoffload.cli", "run", "--max-new-tokens", "2", "--preset", "aggressive", "--json"],
+            [sys.executable, "-m", "tracedoffload.cli", "run", "--model", "random", "--max-new-tokens", "2", "--preset", "aggressive", "--json"],
             capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 0, done.stderr

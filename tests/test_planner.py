@@ -330,12 +330,15 @@ class TestGpuTiers:
 
 class TestPlanCommand:
     def test_default_table(self, capsys):
-        """`tracedoffload plan` prints the preset table for the embedded 28-layer model."""
+        """`tracedoffload plan` prints the preset table for the default model (SmolLM2's 30 layers,
+        read from the GGUF without converting it), and `--model random` for the random 28 layers."""
         assert main(["plan"]) == 0
         out = capsys.readouterr().out
-        assert out.startswith("28 layers")
+        assert out.startswith("30 layers") and "weights float32" in out
         for needle in ("resident", "balanced", "extreme", "vram GiB", "saved GiB", "host GiB", "copy ms/tok", "slowdown"):
             assert needle in out
+        assert main(["plan", "--model", "random"]) == 0
+        assert capsys.readouterr().out.startswith("28 layers")
 
     def test_table_for_a_local_directory(self, capsys, tmp_path):
         """--model with a directory holding config.json prints its table, and --tier the config it gives."""

@@ -7,10 +7,12 @@ from tracedoffload._exceptions import (
     DeviceUnavailableError,
     HookConflictError,
     LayerDiscoveryError,
+    ModelLoadError,
     TracedOffloadError,
 )
 from tracedoffload.config import PRESETS, OffloadConfig
 from tracedoffload.layers import find_decoder_layers
+from tracedoffload.models import LoadedModel, load_model
 from tracedoffload.offloader import Offloader, offload
 from tracedoffload.planner import GPU_TIERS, ModelPlan, auto_config, config_for_tier
 from tracedoffload.timeline import LayerRecord, RecordingTimeline, Timeline
@@ -25,6 +27,8 @@ __all__ = [
     "HookConflictError",
     "LayerDiscoveryError",
     "LayerRecord",
+    "LoadedModel",
+    "ModelLoadError",
     "ModelPlan",
     "OffloadConfig",
     "Offloader",
@@ -36,5 +40,6 @@ __all__ = [
     "auto_config",
     "config_for_tier",
     "find_decoder_layers",
+    "load_model",
     "offload",
 ]

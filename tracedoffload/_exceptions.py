@@ -4,6 +4,7 @@
     ├── ConfigError (also a ValueError)   a setting is out of range or unknown
     ├── LayerDiscoveryError               no decoder layer list could be found
     ├── DeviceUnavailableError            the compute device asked for is not there
+    ├── ModelLoadError                    a model cannot be found, read or converted
     └── HookConflictError                 the model already carries an offload hook
 
 Every error is raised before the model is touched, so catching one leaves the model
@@ -33,6 +34,10 @@ class LayerDiscoveryError(TracedOffloadError):
 
 class DeviceUnavailableError(TracedOffloadError):
     """The requested compute device does not exist on this machine."""
+
+
+class ModelLoadError(TracedOffloadError):
+    """A model cannot be found, read or converted; the message names the path and what to do."""
 
 
 class HookConflictError(TracedOffloadError):

@@ -26,14 +26,15 @@ def placement_figures(offloader: Any, num_layers: int, device: Any) -> dict[str,
     }
 
 
-def run_summary(model_name: str, placement: dict[str, Any], generation: Any, stats: dict[str, Any] | None) -> dict[str, Any]:
+def run_summary(model_name: str, placement: dict[str, Any], generation: Any, stats: dict[str, Any] | None, max_new_tokens: int) -> dict[str, Any]:
     """The figures `tracedoffload run` prints, as a JSON-ready dict.
 
     Args:
         model_name: the model's display name.
         placement: from `placement_figures`.
-        generation: a `tracedoffload.cli.run.Generation` (token counts, seconds, text).
+        generation: a `tracedoffload.generation.Generation` (token counts, seconds, text, why it stopped).
         stats: the tracing session's statistics, or None when the run was not traced.
+        max_new_tokens: the run's maximum, for the stop reason's text.
     """
     tokens, seconds = generation.generated_tokens, generation.seconds
     return {
@@ -44,6 +45,8 @@ def run_summary(model_name: str, placement: dict[str, Any], generation: Any, sta
         "wall_s": seconds,
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "ms_per_token": 1e3 * seconds / tokens if tokens else 0.0,
+        "finish_reason": generation.finish_reason,
+        "stop_reason": _stop_reason(generation, max_new_tokens),
         "stats": stats,
         "output_text": generation.text,
     }
@@ -61,6 +64,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("device slot pool bytes", f"{summary['device_pool_bytes']:,}"),
         ("prompt tokens", str(summary["prompt_tokens"])),
         ("generated tokens", str(summary["generated_tokens"])),
+        ("stopped", summary["stop_reason"]),
         ("wall time", f"{summary['wall_s']:.3f} s"),
         ("throughput", f"{summary['tokens_per_s']:.2f} tokens/s, {summary['ms_per_token']:.2f} ms/token"),
     ]
@@ -77,6 +81,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     elif summary["offload"]:
         lines += ["", "offload statistics: none (tracing was off: --trace-level off)"]
     return "\n".join([*lines, "output:", _printable(summary["output_text"])])
+
+
+def _stop_reason(generation: Any, max_new_tokens: int) -> str:
+    if generation.finish_reason == "stop":
+        return f"at the end-of-turn token {generation.stop_token!r}"
+    return f"at the maximum, --max-new-tokens {max_new_tokens}"
 
 
 def _layers(indices: list[int]) -> str:

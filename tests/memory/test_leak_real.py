@@ -1,4 +1,4 @@
-"""Leak detection on real allocations of the embedded model: injected leaks caught within 32
+"""Leak detection on real allocations of the random model: injected leaks caught within 32
 tokens, and 100 normal generations (KV cache growing, prompt lengths varying) raise nothing."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tracedoffload import OffloadConfig, offload
-from tracedoffload.default_model import build_default_model
+from tracedoffload.models.random_model import build_random_model
 from tracedoffload.monitor import MemoryMonitor
 from tracedoffload.planner import kv_bytes_per_token
 from tracedoffload.tracing.sampling import SamplingPolicy
@@ -27,7 +27,7 @@ class TestInjectedLeaks:
         takes the leaked blocks without the resident size growing, and whether it does depends on
         which tests ran before."""
         done = subprocess.run(
-            [sys.executable, "-m", "tracedoffload", "run", "--max-new-tokens", "32", "--inject-leak", kind, "--no-trace-file", "--json", "--no-progress"],
+            [sys.executable, "-m", "tracedoffload", "run", "--model", "random", "--max-new-tokens", "32", "--inject-leak", kind, "--no-trace-file", "--json", "--no-progress"],
             capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 0, done.stderr
@@ -42,7 +42,7 @@ class TestInjectedLeaks:
 class TestNoFalsePositives:
     def test_hundred_normal_generations_raise_nothing(self):
         """100 generations with the KV cache growing every token and varying prompts raise no alert."""
-        model = build_default_model()
+        model = build_random_model()
         offloader = offload(model, OffloadConfig(num_layers_on_gpu=14))
         session = TracingSession([], policy=SamplingPolicy(level="token"))
         monitor = MemoryMonitor(offloader, kv_bytes_per_token(model.config, torch.float32))

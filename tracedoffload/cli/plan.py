@@ -11,6 +11,8 @@ import torch
 
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.config import RESIDENCY_POLICIES
+from tracedoffload.models.gguf_file import is_gguf_path
+from tracedoffload.models.random_model import RANDOM_MODEL
 from tracedoffload.planner import (
     DEFAULT_BANDWIDTH_GBPS,
     DEFAULT_DEVICE_MEMORY_GBPS,
@@ -35,8 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="print the offload plan table for a model (reads only its config; no weights are loaded)",
         description="Estimate VRAM, pinned host bytes, copy time and slowdown per number of resident layers.",
     )
-    parser.add_argument("--model", metavar="PATH", help="a local model directory or its config.json (default: the embedded 28-layer model)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the config's; float32 for the embedded model)")
+    parser.add_argument("--model", metavar="PATH", help="a .gguf file, a model directory or its config.json, or 'random' (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the config's; float32 for a GGUF and the random model)")
     parser.add_argument("--bandwidth-gbps", type=float, default=DEFAULT_BANDWIDTH_GBPS, help="host-to-device copy rate in GB/s (default %(default)s: PCIe 4.0 x16, pinned, measured)")
     parser.add_argument("--compute-ms", type=float, help="measured per-token compute with every layer resident, in ms (default: estimated from --device-memory-gbps)")
     parser.add_argument("--device-memory-gbps", type=float, default=DEFAULT_DEVICE_MEMORY_GBPS, help="device memory bandwidth for the compute estimate (default %(default)s: RTX 4070 spec)")
@@ -93,16 +95,17 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def _model_plan(args: argparse.Namespace) -> ModelPlan:
     dtype = DTYPES[args.dtype] if args.dtype else None
-    if args.model is None:
-        from tracedoffload.default_model import default_model_config
+    if args.model is None or args.model == RANDOM_MODEL or is_gguf_path(args.model):
+        from tracedoffload.models import load_config
 
-        return ModelPlan.from_config(default_model_config(), dtype or torch.float32)
+        # A GGUF and the random model load as float32 (a GGUF's weights are dequantized).
+        return ModelPlan.from_config(load_config(args.model), dtype or torch.float32)
     try:
         return ModelPlan.from_pretrained_path(args.model, dtype)
     except ConfigError as error:
         if error.field != "path":
             raise
-        raise ConfigError("--model", args.model, error.valid) from None
+        raise ConfigError("--model", args.model, f"{error.valid}, a .gguf file, or 'random'") from None
 
 
 def _tier(model_plan: ModelPlan, args: argparse.Namespace) -> dict[str, Any]:

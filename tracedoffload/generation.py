@@ -1,0 +1,138 @@
+"""One greedy generation, timed and optionally traced: what `tracedoffload run` and the benchmarks run.
+
+A prompt goes through the tokenizer's chat template when it has one (a user turn, after an
+optional system turn), so an instruction-tuned model answers it and stops at its end-of-turn
+token; `raw=True` sends the text as it is. Generation stops at the model's end-of-sequence ids
+(its generation config's, which transformers' GGUF loader sets to the end-of-turn token) or at
+`max_new_tokens`, and says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, NamedTuple
+
+import torch
+
+from tracedoffload._exceptions import TracedOffloadError
+from tracedoffload.tracing.session import TracingSession
+
+# OpenAI's and the GenAI semantic conventions' finish reasons.
+FINISH_STOP = "stop"  # the model emitted an end-of-sequence (end-of-turn) token
+FINISH_LENGTH = "length"  # max_new_tokens was reached
+
+
+class Generation(NamedTuple):
+    """One generation's counts, wall time, decoded new text and why it stopped."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+    text: str
+    finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+    stop_token: str | None = None  # the end-of-sequence token that stopped it, as text
+
+
+def encode_prompt(tokenizer: Any, prompt: str, *, system: str | None = None, raw: bool = False) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` of shape (1, n) for one prompt.
+
+    Args:
+        tokenizer: a transformers tokenizer, or a `ByteTokenizer`.
+        prompt: the user's text.
+        system: a system turn before it (chat templates only).
+        raw: send `prompt` as plain text even when the tokenizer has a chat template.
+
+    Raises:
+        TracedOffloadError: `system` given where no chat template applies (it would be dropped
+            silently), or the prompt encodes to no tokens (the model would fail on an empty input).
+    """
+    if uses_chat_template(tokenizer, raw):
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:
+        if system is not None:
+            reason = "--raw sends the prompt as plain text" if raw else f"{type(tokenizer).__name__} has no chat template"
+            raise TracedOffloadError(f"system={system!r} needs a chat template: {reason}; put the instruction in the prompt instead")
+        encoded = tokenizer(prompt, return_tensors="pt")
+    if encoded["input_ids"].shape[-1] == 0:
+        raise TracedOffloadError(f"prompt={prompt!r} encodes to no tokens with {type(tokenizer).__name__}; give a non-empty prompt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def uses_chat_template(tokenizer: Any, raw: bool = False) -> bool:
+    """Whether a prompt goes through the tokenizer's chat template."""
+    return not raw and bool(getattr(tokenizer, "chat_template", None))
+
+
+def generate_once(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    session: TracingSession | None = None,
+    model_name: str = "",
+    *,
+    system: str | None = None,
+    raw: bool = False,
+    ignore_eos: bool = False,
+) -> Generation:
+    """Greedy-generate up to `max_new_tokens` tokens after `prompt`, timed; traced as one
+    generation when a tracing `session` is given.
+
+    Args:
+        ignore_eos: generate exactly `max_new_tokens` (end-of-sequence never stops it): a
+            benchmark needs the same token count in every run.
+
+    Blocking: waits for the device before stopping the clock.
+
+    Raises:
+        TracedOffloadError: see `encode_prompt`.
+    """
+    device = model.get_input_embeddings().weight.device
+    encoded = encode_prompt(tokenizer, prompt, system=system, raw=raw)
+    input_ids = encoded["input_ids"].to(device)
+    attention_mask = encoded["attention_mask"].to(device)
+    stop_ids = set() if ignore_eos else _eos_ids(model)
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    limits: dict[str, Any] = {"eos_token_id": sorted(stop_ids) or None}
+    if ignore_eos:
+        # eos_token_id=None overrides the model's generation config; min_new_tokens also masks
+        # eos should a generation config put it back.
+        limits["min_new_tokens"] = max_new_tokens
+    _synchronize(device)
+    traced = session.generation(model_name, input_ids.shape[1], max_new_tokens) if session is not None else contextlib.nullcontext()
+    started = time.perf_counter()
+    with torch.inference_mode(), traced as handle:
+        output = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            **limits,
+        )
+        new_tokens = output[0, input_ids.shape[1] :]
+        stopped = new_tokens.numel() > 0 and int(new_tokens[-1]) in stop_ids
+        finish_reason = FINISH_STOP if stopped else FINISH_LENGTH
+        if handle is not None:
+            handle.output_tokens = new_tokens.numel()
+            handle.finish_reason = finish_reason
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    stop_token = tokenizer.decode([int(new_tokens[-1])], skip_special_tokens=False) if stopped else None
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    return Generation(input_ids.shape[1], new_tokens.numel(), seconds, text, finish_reason, stop_token)
+
+
+def _eos_ids(model: torch.nn.Module) -> set[int]:
+    """The ids that end a generation: the model's generation config's, as transformers reads them."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
