@@ -1,7 +1,7 @@
 """What background CPU costs the model's token time on this host: prints figures (not a timed test).
 
 The telemetry's CPU runs beside the model on the same cores. This bench burns a fixed duty of
-CPU (`--burn-us` every `--period-ms`, about one token) while the embedded model generates, in
+CPU (`--burn-us` every `--period-ms`, about one token) while the default model generates, in
 three places, and prints each token latency over the undisturbed one (interleaved rounds,
 medians of per-round ratios):
 
@@ -26,8 +26,9 @@ import threading
 import time
 
 from tracedoffload import OffloadConfig, offload
-from tracedoffload.cli.run import generate_once
-from tracedoffload.default_model import ByteTokenizer, build_default_model
+from tracedoffload.generation import generate_once
+
+from _model import add_model_argument, load_bench_model
 
 PROMPT = "Offloading traces."
 PLACES = ("off", "thread", "nogil", "process")
@@ -53,7 +54,7 @@ def _burner(without_gil: bool, burn_s: float, period_s: float, stop) -> None:
         time.sleep(period_s)
 
 
-def ms_per_token(model, place: str, tokens: int, burn_s: float, period_s: float) -> float:
+def ms_per_token(model, tokenizer, place: str, tokens: int, burn_s: float, period_s: float) -> float:
     worker: threading.Thread | multiprocessing.Process | None = None
     if place == "process":
         stop = multiprocessing.Event()  # shared with the forked burner
@@ -65,7 +66,7 @@ def ms_per_token(model, place: str, tokens: int, burn_s: float, period_s: float)
         if place != "off":
             worker = threading.Thread(target=_burner, args=(place == "nogil", burn_s, period_s, stop), daemon=True)
             worker.start()
-    generation = generate_once(model, ByteTokenizer(), PROMPT, tokens, None, "default")
+    generation = generate_once(model, tokenizer, PROMPT, tokens, None, "default", ignore_eos=True)
     stop.set()
     if worker is not None:
         worker.join()
@@ -78,18 +79,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--burn-us", type=float, default=600.0)
     parser.add_argument("--period-ms", type=float, default=22.0)
+    add_model_argument(parser)
     args = parser.parse_args()
     multiprocessing.set_start_method("fork", force=True)
 
-    model = build_default_model()
+    loaded = load_bench_model(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
     offloader = offload(model, OffloadConfig(num_layers_on_gpu=len(model.model.layers) // 2, device="cpu"))
     burn_s, period_s = args.burn_us / 1e6, args.period_ms / 1e3
     results: dict[str, list[float]] = {place: [] for place in PLACES}
-    ms_per_token(model, "off", 8, burn_s, period_s)  # warm-up
+    ms_per_token(model, tokenizer, "off", 8, burn_s, period_s)  # warm-up
     for round_index in range(args.rounds):
         shift = round_index % len(PLACES)
         for place in PLACES[shift:] + PLACES[:shift]:
-            results[place].append(ms_per_token(model, place, args.tokens, burn_s, period_s))
+            results[place].append(ms_per_token(model, tokenizer, place, args.tokens, burn_s, period_s))
     offloader.detach()
 
     off = statistics.median(results["off"])

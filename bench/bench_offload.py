@@ -1,9 +1,9 @@
-"""Offloading cost on the embedded default model: prints figures (not a timed test).
+"""Offloading cost on the default model: prints figures (not a timed test).
 
 Per round, in rotating order:
   (a) resident   every layer on the device, no offloader at all: ms per token;
-  (b) offloaded  14 of the 28 layers offloaded (default residency and prefetch): ms per token;
-  (c) copies     the raw copies of those 14 layers' packed host buffers into a device buffer,
+  (b) offloaded  half the decoder layers offloaded (default residency and prefetch): ms per token;
+  (c) copies     the raw copies of those layers' packed host buffers into a device buffer,
                  summed over the layers: ms per token (one sweep of every offloaded layer).
 Medians over rounds. On the CPU a copy cannot overlap compute (one host thread does both), so
 offloading should cost no more than the copies: (b) / ((a) + (c)) <= 1.05. On CUDA the copies
@@ -21,11 +21,12 @@ import time
 import torch
 
 from tracedoffload import OffloadConfig, RecordingTimeline, offload
-from tracedoffload.cli.run import generate_once
-from tracedoffload.default_model import ByteTokenizer, build_default_model
+from tracedoffload.generation import generate_once
 from tracedoffload.logs import configure_logging
 from tracedoffload.offloader import resolve_device
 from tracedoffload.timeline import TRANSFER
+
+from _model import add_model_argument, load_bench_model
 
 PROMPT = "Offloading moves the weights of a layer onto the device just before it runs."
 
@@ -34,7 +35,7 @@ def resident_ms_per_token(model, tokenizer, device: torch.device, tokens: int) -
     """(a): every layer on the device, no hooks."""
     model.to(device)
     try:
-        generation = generate_once(model, tokenizer, PROMPT, tokens)
+        generation = generate_once(model, tokenizer, PROMPT, tokens, ignore_eos=True)
     finally:
         model.to("cpu")  # the model's home between runs: offload() expects it there
     return 1e3 * generation.seconds / generation.generated_tokens
@@ -44,7 +45,7 @@ def offloaded_ms_per_token(model, tokenizer, config: OffloadConfig, tokens: int)
     """(b): ms per token with half the layers offloaded, and the timeline's transfer ms per token."""
     timeline = RecordingTimeline()
     with offload(model, config, timeline=timeline):
-        generation = generate_once(model, tokenizer, PROMPT, tokens)
+        generation = generate_once(model, tokenizer, PROMPT, tokens, ignore_eos=True)
     # Read after detach (it synchronizes), so CUDA timing events have completed.
     transfer_ms = sum(_record_ms(r) for r in timeline.records(TRANSFER))
     return 1e3 * generation.seconds / generation.generated_tokens, transfer_ms / len(timeline.steps)
@@ -95,11 +96,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--device", default="auto")
+    add_model_argument(parser)
     args = parser.parse_args()
     configure_logging(level="warning")  # one attach/detach line per run would bury the figures
 
     device = resolve_device(args.device)
-    model, tokenizer = build_default_model(), ByteTokenizer()
+    loaded = load_bench_model(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
     num_layers = len(model.model.layers)
     config = OffloadConfig(num_layers_on_gpu=num_layers // 2, device=str(device))
     runs = {

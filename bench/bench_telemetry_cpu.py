@@ -30,13 +30,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracedoffload import OffloadConfig, offload
-from tracedoffload.cli.run import generate_once
-from tracedoffload.default_model import ByteTokenizer, build_default_model
+from tracedoffload.generation import generate_once
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 
-PROMPT = "Offloading traces."  # 19 tokens with the byte tokenizer (its BOS and one per byte)
+from _model import add_model_argument, load_bench_model
+
+PROMPT = "Offloading traces."
 POLICIES = {"off": None, "default": SamplingPolicy(), "full": SamplingPolicy.full_detail()}
 
 
@@ -77,7 +78,7 @@ class TelemetryCpu:
         self._last = now
 
 
-def one_run(model, offloader, prompt, tokens: int, policy: SamplingPolicy | None, trace_dir: Path) -> dict[str, float]:
+def one_run(model, tokenizer, offloader, prompt, tokens: int, policy: SamplingPolicy | None, trace_dir: Path) -> dict[str, float]:
     """CPU ms per token of the model's thread, the telemetry thread and the exporter thread."""
     session = exporter = telemetry = None
     if policy is not None:
@@ -87,7 +88,7 @@ def one_run(model, offloader, prompt, tokens: int, policy: SamplingPolicy | None
         session.add_token_listener(telemetry)
         session.attach(offloader)
     started = time.thread_time()
-    generate_once(model, ByteTokenizer(), prompt, tokens, session, "default")
+    generate_once(model, tokenizer, prompt, tokens, session, "default", ignore_eos=True)
     model_cpu = time.thread_time() - started
     if session is not None:
         session.shutdown(30)  # every export done before the exporter's CPU time is read
@@ -103,18 +104,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--tokens", type=int, default=48)
+    add_model_argument(parser)
     args = parser.parse_args()
 
-    model = build_default_model()
+    loaded = load_bench_model(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
     offloader = offload(model, OffloadConfig(num_layers_on_gpu=len(model.model.layers) // 2, device="cpu"))
     prompt = PROMPT
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in POLICIES}
     with tempfile.TemporaryDirectory() as trace_dir:
-        one_run(model, offloader, prompt, 8, None, Path(trace_dir))  # warm-up
+        one_run(model, tokenizer, offloader, prompt, 8, None, Path(trace_dir))  # warm-up
         order = list(POLICIES)
         for round_index in range(args.rounds):
             for name in order[round_index % 3 :] + order[: round_index % 3]:
-                runs[name].append(one_run(model, offloader, prompt, args.tokens, POLICIES[name], Path(trace_dir)))
+                runs[name].append(one_run(model, tokenizer, offloader, prompt, args.tokens, POLICIES[name], Path(trace_dir)))
     offloader.detach()
 
     def median(name: str, key: str) -> float:

@@ -1,4 +1,4 @@
-"""Tracing overhead on the embedded default model: prints figures (not a timed test).
+"""Tracing overhead on the default model: prints figures (not a timed test).
 
 Half the layers offloaded; per round, in rotating order: tracing off, the default sampling, and
 full layer detail (every span exported to an OTLP JSON-lines file). Token latency is the median
@@ -22,23 +22,24 @@ import time
 from pathlib import Path
 
 from tracedoffload import OffloadConfig, offload
-from tracedoffload.cli.run import generate_once
-from tracedoffload.default_model import ByteTokenizer, build_default_model
+from tracedoffload.generation import generate_once
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 
-PROMPT = "Offloading traces."  # 19 tokens with the byte tokenizer (its BOS and one per byte)
+from _model import add_model_argument, load_bench_model
+
+PROMPT = "Offloading traces."
 POLICIES = {"off": None, "default": SamplingPolicy(), "full": SamplingPolicy.full_detail()}
 
 
-def ms_per_token(model, offloader, prompt, tokens: int, policy: SamplingPolicy | None, trace_dir: Path) -> tuple[float, float, dict]:
+def ms_per_token(model, tokenizer, offloader, prompt, tokens: int, policy: SamplingPolicy | None, trace_dir: Path) -> tuple[float, float, dict]:
     """ms/token of the generation, and of the generation plus flushing its telemetry."""
     session = None
     if policy is not None:
         session = TracingSession([OtlpJsonLinesExporter(trace_dir / f"{time.time_ns()}.otlp.jsonl")], policy=policy)
         session.attach(offloader)
-    generation = generate_once(model, ByteTokenizer(), prompt, tokens, session, "default")
+    generation = generate_once(model, tokenizer, prompt, tokens, session, "default", ignore_eos=True)
     flush_s = 0.0
     stats = {}
     if session is not None:
@@ -56,20 +57,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--device", default="auto")
+    add_model_argument(parser)
     args = parser.parse_args()
 
-    model = build_default_model()
+    loaded = load_bench_model(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
     offloader = offload(model, OffloadConfig(num_layers_on_gpu=len(model.model.layers) // 2, device=args.device))
     prompt = PROMPT
     results: dict[str, list[float]] = {name: [] for name in POLICIES}
     flushed: dict[str, list[float]] = {name: [] for name in POLICIES}
     spans_exported = {}
     with tempfile.TemporaryDirectory() as trace_dir:
-        ms_per_token(model, offloader, prompt, 8, None, Path(trace_dir))  # warm-up
+        ms_per_token(model, tokenizer, offloader, prompt, 8, None, Path(trace_dir))  # warm-up
         order = list(POLICIES)
         for round_index in range(args.rounds):
             for name in order[round_index % 3 :] + order[: round_index % 3]:
-                elapsed, with_flush, stats = ms_per_token(model, offloader, prompt, args.tokens, POLICIES[name], Path(trace_dir))
+                elapsed, with_flush, stats = ms_per_token(model, tokenizer, offloader, prompt, args.tokens, POLICIES[name], Path(trace_dir))
                 results[name].append(elapsed)
                 flushed[name].append(with_flush)
                 if stats:
