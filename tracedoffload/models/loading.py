@@ -11,7 +11,8 @@ read the cached safetensors, several times faster.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ def _load_directory(directory: Path, shown: str, dtype: torch.dtype | None, sour
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"model={shown!r} is not a model directory: it has no config.json")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype or "auto")
+        with _quiet_progress():  # a bar per load of a local file, gone in a second, is noise
+            model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype or "auto")
         has_tokenizer = any((directory / file).is_file() for file in TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True) if has_tokenizer else ByteTokenizer()
     except (OSError, ValueError, KeyError) as error:
@@ -148,3 +150,17 @@ def _load_directory(directory: Path, shown: str, dtype: torch.dtype | None, sour
             f"byte tokenizer's ({ByteTokenizer.vocab_size}); save a tokenizer with the model"
         )
     return LoadedModel(model.eval(), tokenizer, name, source)
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """transformers' progress bars off for the block, then as they were (a process-wide setting)."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
