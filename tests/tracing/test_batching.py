@@ -92,7 +92,7 @@ def test_force_flush_exports_what_is_queued_and_is_bounded_by_its_timeout():
     stuck.offer(token(1, 1))
     started = time.monotonic()
     assert not stuck.force_flush(0.2)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < LONG_DELAY_S / 2  # near its 0.2 s budget; generous for a loaded host
     gate.set()
     stuck.shutdown()
 

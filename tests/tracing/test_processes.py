@@ -75,8 +75,9 @@ class TestForkedChild:
                 session.attach(offloader)
             assert session.flush(1) is False
             started = time.monotonic()
-            assert session.shutdown(5) is False  # it dropped steps
-            assert time.monotonic() - started < 1
+            assert session.shutdown(60) is False  # it dropped steps
+            # Nothing to wait for in the child: far less than the budget, however loaded the host.
+            assert time.monotonic() - started < 30
 
         # Locks held by other threads across the fork: the queue's (a child that queued a step
         # would hang on it) and the log stream's (the child logs that its session is orphaned).
@@ -160,7 +161,10 @@ def test_at_exit_a_stuck_exporter_neither_holds_the_exit_nor_costs_another_sessi
         if line.strip() == "generated":
             break
     exit_began = time.monotonic()
-    assert process.wait(timeout=60) == 0
-    assert time.monotonic() - exit_began < 5.0 + 3.0  # the budget, and the interpreter's own exit
+    # Without the exit budget the stuck exporter would hold the exit forever; with it, the exit
+    # takes the 5 s budget and the interpreter's own exit, which a loaded host stretches (8.3 s
+    # seen once): a generous bound that still tells a bounded exit from a hang.
+    assert process.wait(timeout=120) == 0
+    assert time.monotonic() - exit_began < 5.0 + 40.0
     tokens = [span for span in read_otlp_jsonl(trace_file) if span.name == "token"]
     assert len(tokens) == 3

@@ -11,7 +11,9 @@ from tracedoffload._exceptions import ConfigError
 from tracedoffload.tracing.session import TracingSession
 from tracedoffload.tracing.worker import TelemetryWorker
 
-LONG_REST_S = 5.0  # far longer than any wait a test below allows
+# Far longer than any wait a test below allows: a test that waited out a rest would take 60 s,
+# and half of that is a bound no loaded host comes near for work that takes milliseconds.
+LONG_REST_S = 60.0
 
 
 def test_items_are_handled_in_order_across_batches():
