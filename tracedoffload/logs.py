@@ -1,7 +1,14 @@
-"""structlog set-up: console or JSON lines, each event carrying the trace and span ids of the
-token it belongs to (so a log line leads to its trace in Jaeger or Tempo).
+"""Logging: structlog events, each carrying the trace and span ids of the token it belongs to (so
+a log line leads to its trace in Jaeger or Tempo), delivered through the standard library.
 
-Processors are plain callables, each doing one thing; `configure_logging` puts them in order.
+Library code logs with `get_logger(name)`: its events go to `logging.getLogger(name)` under
+"tracedoffload", so an application that uses tracedoffload as a library decides where they go
+(by default Python prints warnings and errors on stderr and drops the rest; nothing is ever
+written to stdout, and importing tracedoffload configures nothing). The command line calls
+`configure_logging`, which renders them, and the OpenTelemetry SDK's own log lines, on stderr as
+console text or JSON lines.
+
+Processors are plain callables, each doing one thing.
 """
 
 from __future__ import annotations
@@ -34,8 +41,35 @@ def add_token_trace_ids(logger: Any, method: str, event: dict[str, Any]) -> dict
     return event
 
 
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_token_trace_ids,
+    ]
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger whose events go to the standard library's `logging.getLogger(name)`.
+
+    The event dict travels intact to a `configure_logging` formatter; without one (a library
+    user's own logging set-up) the record's message is the event dict. Below the logger's level
+    no processor runs.
+    """
+    return structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
-    """Route every tracedoffload log event through structlog, to `stream` (stderr by default).
+    """Render every log line of the process on `stream` (stderr by default) as console text or
+    JSON lines, at `level` and above: tracedoffload's events, the OpenTelemetry SDK's lines, and
+    the application's own structlog and logging events, which carry the token's trace and span
+    ids like ours. Process-wide: for the command line, or an application that wants it.
 
     Raises:
         ConfigError: an unknown format or level.
@@ -45,42 +79,34 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
     if level not in LOG_LEVELS:
         raise ConfigError("log_level", level, f"one of {list(LOG_LEVELS)}")
     renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    shared = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        add_token_trace_ids,
-    ]
+    shared = _shared_processors()
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, *shared, structlog.processors.format_exc_info, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    _route_stdlib_loggers(shared, renderer, level, stream)
-
-
-# Libraries that log through the standard library (the OpenTelemetry SDK's export retries and
-# failures): rendered like our own events, in the same format and stream.
-STDLIB_LOGGERS = ("opentelemetry",)
-
-
-def _route_stdlib_loggers(shared: list[Any], renderer: Any, level: str, stream: TextIO | None) -> None:
     formatter = structlog.stdlib.ProcessorFormatter(
         # format_exc_info: a traceback as text (the console renderer would otherwise print frame
         # locals, which in an exporter's frames include the OTLP headers, API keys among them).
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, renderer],
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],  # records not made through structlog
     )
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
-    handler.set_name("tracedoffload")
-    for name in STDLIB_LOGGERS:
-        logger = logging.getLogger(name)
-        for old in [h for h in logger.handlers if h.get_name() == "tracedoffload"]:  # configured again
-            logger.removeHandler(old)
-        logger.addHandler(handler)
-        logger.setLevel(getattr(logging, level.upper()))
-        logger.propagate = False  # not twice, once here and once by a root handler
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:  # configured again
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)  # the root's level decides
+
+
+_HANDLER_NAME = "tracedoffload"
+# Loggers whose level follows the root's once configured (a library user may have set theirs).
+OWN_LOGGERS = ("tracedoffload", "opentelemetry")
 
 
 def _fresh_write_locks_in_child() -> None:

@@ -11,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from opentelemetry.sdk.trace import Event
 
+from tracedoffload.logs import get_logger
 from tracedoffload.memory.leak import LeakAlert, LeakDetector, LeakPolicy
 from tracedoffload.memory.probe import MemoryProbe, QuietPoint
 from tracedoffload.metrics import OffloadMetrics
 from tracedoffload.offloader import Offloader
 from tracedoffload.tracing import names
 
-log = structlog.get_logger("tracedoffload.memory")
+log = get_logger("tracedoffload.memory")
 
 SOURCES = ("host", "device")
 

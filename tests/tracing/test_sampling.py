@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from structlog.testing import capture_logs
+from tests.logcapture import capture_logs
 
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.tracing import names

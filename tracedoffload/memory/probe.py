@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
-import structlog
 import torch
+from tracedoffload.logs import get_logger
 
-log = structlog.get_logger("tracedoffload.memory")
+log = get_logger("tracedoffload.memory")
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 

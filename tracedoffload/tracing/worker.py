@@ -18,10 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from tracedoffload.logs import get_logger
 
-import structlog
 
-log = structlog.get_logger("tracedoffload.tracing")
+log = get_logger("tracedoffload.tracing")
 
 _STOP = object()
 

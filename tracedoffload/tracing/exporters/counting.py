@@ -11,11 +11,11 @@ import dataclasses
 import threading
 from collections.abc import Sequence
 
-import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from tracedoffload.logs import get_logger
 
-log = structlog.get_logger("tracedoffload.tracing.exporters.counting")
+log = get_logger("tracedoffload.tracing.exporters.counting")
 
 __all__ = ["CountingExporter", "ExportCounts"]
 

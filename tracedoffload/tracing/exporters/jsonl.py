@@ -16,14 +16,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from tracedoffload.logs import get_logger
 from tracedoffload.tracing.exporters.otlp_json import encode_otlp_json
 from tracedoffload.tracing.spanview import SpanView
 
-log = structlog.get_logger("tracedoffload.tracing.exporters.jsonl")
+log = get_logger("tracedoffload.tracing.exporters.jsonl")
 
 __all__ = ["OtlpJsonLinesExporter", "encode_otlp_json", "read_otlp_jsonl"]
 

@@ -17,11 +17,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracedoffload._exceptions import ConfigError
+from tracedoffload.logs import get_logger
 from tracedoffload.tracing.names import (
     GEN_AI_OPERATION,
     GEN_AI_OPERATION_NAME,
@@ -31,7 +31,7 @@ from tracedoffload.tracing.names import (
     SPAN_TRANSFER,
 )
 
-log = structlog.get_logger("tracedoffload.tracing.exporters.perfetto")
+log = get_logger("tracedoffload.tracing.exporters.perfetto")
 
 __all__ = ["PROCESS_NAME", "TRACKS", "PerfettoExporter", "track_of"]
 
