@@ -131,3 +131,27 @@ class TestTierPresets:
         """dtype must be a floating-point dtype."""
         with pytest.raises(ConfigError, match="floating-point"):
             OffloadConfig(dtype=torch.int8)
+
+
+class TestLibraryEdges:
+    @pytest.mark.parametrize("model", [None, "model", 3])
+    def test_a_model_that_is_not_a_module(self, model):
+        """offload(None) and the like name the field, not a raw AttributeError."""
+        with pytest.raises(ConfigError, match=r"model=.* a torch.nn.Module"):
+            offload(model, OffloadConfig(num_layers_on_gpu=2))
+
+    def test_the_library_writes_nothing_to_stdout_and_configures_no_logging(self):
+        """Used as a library, offloading logs through the standard library only: nothing on
+        stdout, and with no logging set up the info events print nowhere."""
+        import subprocess
+        import sys
+
+        script = (
+            "from tracedoffload import offload, OffloadConfig\n"
+            "from tests.tracing.conftest import tiny_model\n"
+            "offload(tiny_model(), OffloadConfig(num_layers_on_gpu=2)).detach()\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout == ""
+        assert "offload.attached" not in done.stderr

@@ -1,45 +1,72 @@
-"""tracedoffload: layer-wise CPU<->GPU offloading for transformers inference, traced end to end."""
+"""tracedoffload: layer-wise CPU<->GPU offloading for transformers inference, traced end to end.
+
+The names below are imported on first use (PEP 562): `import tracedoffload` and the command
+line's help and argument errors need neither torch nor transformers, which take seconds to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from tracedoffload._exceptions import (
-    ConfigError,
-    DeviceUnavailableError,
-    HookConflictError,
-    LayerDiscoveryError,
-    ModelLoadError,
-    TracedOffloadError,
-)
-from tracedoffload.config import PRESETS, OffloadConfig
-from tracedoffload.layers import find_decoder_layers
-from tracedoffload.models import LoadedModel, load_model
-from tracedoffload.offloader import Offloader, offload
-from tracedoffload.planner import GPU_TIERS, ModelPlan, auto_config, config_for_tier
-from tracedoffload.timeline import LayerRecord, RecordingTimeline, Timeline
-from tracedoffload.tracing.sampling import SamplingPolicy
-from tracedoffload.tracing.session import TracingSession
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "GPU_TIERS": "tracedoffload.presets",
+    "PRESETS": "tracedoffload.presets",
+    "ConfigError": "tracedoffload._exceptions",
+    "DeviceUnavailableError": "tracedoffload._exceptions",
+    "HookConflictError": "tracedoffload._exceptions",
+    "LayerDiscoveryError": "tracedoffload._exceptions",
+    "LayerRecord": "tracedoffload.timeline",
+    "LoadedModel": "tracedoffload.models",
+    "ModelLoadError": "tracedoffload._exceptions",
+    "ModelPlan": "tracedoffload.planner",
+    "OffloadConfig": "tracedoffload.config",
+    "Offloader": "tracedoffload.offloader",
+    "RecordingTimeline": "tracedoffload.timeline",
+    "SamplingPolicy": "tracedoffload.tracing.sampling",
+    "Timeline": "tracedoffload.timeline",
+    "TracedOffloadError": "tracedoffload._exceptions",
+    "TracingSession": "tracedoffload.tracing.session",
+    "auto_config": "tracedoffload.planner",
+    "config_for_tier": "tracedoffload.planner",
+    "find_decoder_layers": "tracedoffload.layers",
+    "load_model": "tracedoffload.models",
+    "offload": "tracedoffload.offloader",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "GPU_TIERS",
-    "PRESETS",
-    "ConfigError",
-    "DeviceUnavailableError",
-    "HookConflictError",
-    "LayerDiscoveryError",
-    "LayerRecord",
-    "LoadedModel",
-    "ModelLoadError",
-    "ModelPlan",
-    "OffloadConfig",
-    "Offloader",
-    "RecordingTimeline",
-    "SamplingPolicy",
-    "Timeline",
-    "TracedOffloadError",
-    "TracingSession",
-    "auto_config",
-    "config_for_tier",
-    "find_decoder_layers",
-    "load_model",
-    "offload",
-]
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tracedoffload' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs read
+    from tracedoffload._exceptions import (
+        ConfigError,
+        DeviceUnavailableError,
+        HookConflictError,
+        LayerDiscoveryError,
+        ModelLoadError,
+        TracedOffloadError,
+    )
+    from tracedoffload.config import OffloadConfig
+    from tracedoffload.layers import find_decoder_layers
+    from tracedoffload.models import LoadedModel, load_model
+    from tracedoffload.offloader import Offloader, offload
+    from tracedoffload.planner import ModelPlan, auto_config, config_for_tier
+    from tracedoffload.presets import GPU_TIERS, PRESETS
+    from tracedoffload.timeline import LayerRecord, RecordingTimeline, Timeline
+    from tracedoffload.tracing.sampling import SamplingPolicy
+    from tracedoffload.tracing.session import TracingSession

@@ -8,27 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from tracedoffload._exceptions import ConfigError
+from tracedoffload.presets import DEFAULT_PRESET, DEFAULT_RESIDENCY, GPU_TIERS, PRESET_REFERENCE_LAYERS, PRESETS, RESIDENCY_POLICIES
 
-# Layers kept on the GPU out of the seeds' 28-layer backbone; scaled to the model's layer count.
-PRESETS: dict[str, int] = {
-    "light": 20,
-    "moderate": 16,
-    "balanced": 12,
-    "aggressive": 8,
-    "extreme": 4,
-}
-PRESET_REFERENCE_LAYERS = 28
-DEFAULT_PRESET = "balanced"
+if TYPE_CHECKING:
+    import torch
 
-RESIDENCY_POLICIES = ("interleaved", "first", "last")
-# Interleaving gives every offloaded layer's copy a resident layer's compute to hide behind
-# (vLLM's prefetch offloader does the same); "first"/"last" leave a run of offloaded layers
-# whose copies can only hide behind each other.
-DEFAULT_RESIDENCY = "interleaved"
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -41,7 +28,7 @@ class OffloadConfig:
         num_layers_on_gpu: decoder layers kept resident on the compute device (manual mode).
             Leave as None to take it from `preset`.
         preset: one of `PRESETS` (scaled to the model's layer count) or a GPU tier from
-            `tracedoffload.planner.GPU_TIERS`. Used when `num_layers_on_gpu` is None;
+            `tracedoffload.presets.GPU_TIERS`. Used when `num_layers_on_gpu` is None;
             defaults to "balanced".
         pin_memory: pin the host copies once at setup (CUDA only; ignored on a CPU device).
         prefetch: how many offloaded layers are copied ahead of the one computing (0 to 8).
@@ -77,7 +64,7 @@ class OffloadConfig:
             raise ConfigError("prefetch", self.prefetch, "an integer from 0 to 8")
         if self.residency not in RESIDENCY_POLICIES:
             raise ConfigError("residency", self.residency, f"one of {list(RESIDENCY_POLICIES)}")
-        if self.dtype is not None and (not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point):
+        if self.dtype is not None and not _is_float_dtype(self.dtype):
             raise ConfigError("dtype", self.dtype, "a floating-point torch.dtype such as torch.float16, or None")
         parse_device(self.device)
 
@@ -119,6 +106,8 @@ def parse_device(device: str | torch.device) -> torch.device | None:
     """Validate a device spelling; returns None for "auto" (resolved later)."""
     if isinstance(device, str) and device == "auto":
         return None
+    import torch  # here: a config of defaults is checked without torch (the command line's fast path)
+
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
@@ -128,7 +117,11 @@ def parse_device(device: str | torch.device) -> torch.device | None:
     return parsed
 
 
-def _known_presets() -> Sequence[str]:
-    from tracedoffload.planner import GPU_TIERS  # late import: the planner imports this module
+def _is_float_dtype(dtype: object) -> bool:
+    import torch
 
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def _known_presets() -> Sequence[str]:
     return [*PRESETS, *GPU_TIERS]

@@ -10,11 +10,15 @@ Never use outside a test or a drill: the memory is only given back by `release()
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from tracedoffload._exceptions import ConfigError
-from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import TRANSFER, LayerRecord, Timeline
+
+if TYPE_CHECKING:
+    import torch
+
+    from tracedoffload.offloader import Offloader
 
 LEAK_KINDS = ("host", "device")
 DEVICE_LEAK_BYTES_PER_TOKEN = 2 << 20
@@ -30,6 +34,8 @@ class LeakInjector(Timeline):
         self.offloader = offloader
         self.kind = kind
         self.device_bytes_per_token = device_bytes_per_token
+        import torch  # here, not at the top: the command line reads LEAK_KINDS without torch
+
         self._pin = torch.cuda.is_available()
         self.kept: list[torch.Tensor] = []
 
@@ -48,6 +54,8 @@ class LeakInjector(Timeline):
 
     def step_end(self, marker: object) -> None:
         if self.kind == "device":
+            import torch
+
             # Filled, not just allocated: untouched pages would not count in RSS on a CPU device.
             self.kept.append(torch.ones(self.device_bytes_per_token, dtype=torch.uint8, device=self.offloader.device))
         self.inner.step_end(marker)

@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 import torch
 from torch import nn
 
@@ -21,9 +20,11 @@ from tracedoffload._packing import LayerLayout, layer_tensors, pack_into, plan_l
 from tracedoffload._streams import CpuStreams, CudaStreams, SlotFences, streams_for
 from tracedoffload.config import ConfigError, OffloadConfig, parse_device, resident_layer_indices
 from tracedoffload.layers import check_layer_list, find_decoder_layers
+from tracedoffload.logs import get_logger
+from tracedoffload.presets import GPU_TIERS
 from tracedoffload.timeline import COMPUTE, RELEASE, TRANSFER, LayerRecord, Timeline
 
-log = structlog.get_logger("tracedoffload.offloader")
+log = get_logger("tracedoffload.offloader")
 
 # Set on the model and on each hooked layer while offloaded; a second offload() finds it.
 HOOK_ATTR = "_tracedoffload_hook"
@@ -81,6 +82,8 @@ def offload(
         >>> with offload(model, OffloadConfig(num_layers_on_gpu=8)) as offloader:
         ...     model.generate(input_ids, max_new_tokens=32)
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model", type(model).__name__, "a torch.nn.Module (a transformers model, or any module with layers=[...])")
     config = config if config is not None else OffloadConfig()
     if not isinstance(config, OffloadConfig):
         raise ConfigError("config", type(config).__name__, "an OffloadConfig")
@@ -413,7 +416,7 @@ def _bind(method: Any, index: int) -> Any:
 
 def _resolve_tier(model: nn.Module, config: OffloadConfig) -> OffloadConfig:
     """A GPU-tier preset ("12gb", ...) becomes the manual layer count that fits the tier's memory."""
-    from tracedoffload.planner import GPU_TIERS, config_for_tier  # the planner imports this module
+    from tracedoffload.planner import config_for_tier  # the planner imports this module
 
     if config.preset not in GPU_TIERS:
         return config

@@ -32,26 +32,18 @@ from torch import nn
 from tracedoffload._checks import check_int, check_positive
 from tracedoffload._exceptions import ConfigError, DeviceUnavailableError
 from tracedoffload._packing import layer_tensors, plan_layout
-from tracedoffload.config import PRESETS, OffloadConfig, parse_device, resident_layer_indices, scale_preset
+from tracedoffload.config import OffloadConfig, parse_device, resident_layer_indices, scale_preset
 from tracedoffload.layers import find_decoder_layers
+from tracedoffload.presets import (
+    DEFAULT_BANDWIDTH_GBPS,
+    DEFAULT_DEVICE_MEMORY_GBPS,
+    DEFAULT_KV_TOKENS,
+    DEFAULT_TARGET_UTILIZATION,
+    GPU_TIERS,
+    PRESETS,
+    GiB,
+)
 
-GiB = 1 << 30
-# Device memory of common GPU tiers (bytes); a tier preset keeps as many layers as fit in it.
-GPU_TIERS: dict[str, int] = {
-    "8gb": 8 * GiB,
-    "12gb": 12 * GiB,
-    "16gb": 16 * GiB,
-    "24gb": 24 * GiB,
-    "40gb": 40 * GiB,
-    "80gb": 80 * GiB,
-}
-# PCIe 4.0 x16, measured pinned host-to-device rate (research/offloading-anchors.md).
-DEFAULT_BANDWIDTH_GBPS = 25.0
-# Device memory bandwidth for the estimated per-token compute time: the RTX 4070 12 GB's spec
-# (192-bit GDDR6X at 21 Gbps), a card of the seeds' 12 GB tier. Pass a measured compute time instead.
-DEFAULT_DEVICE_MEMORY_GBPS = 504.0
-DEFAULT_KV_TOKENS = 4096
-DEFAULT_TARGET_UTILIZATION = 0.9  # accelerate's share of free memory, too
 _FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
 
 

@@ -9,11 +9,12 @@ import logging
 import threading
 import time
 
+import pytest
 import structlog
 import torch
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from tracedoffload import OffloadConfig, offload
+from tracedoffload import ConfigError, OffloadConfig, offload
 from tracedoffload.logs import configure_logging
 from tracedoffload.tracing import names
 from tracedoffload.tracing.sampling import SamplingPolicy
@@ -361,3 +362,48 @@ class TestLogCorrelation:
         assert event["event"] == "Transient error UNAVAILABLE, retrying"
         assert event["level"] == "warning"
         assert event["logger"] == "opentelemetry.exporter.otlp.proto.grpc.exporter"
+
+
+class TestMisuse:
+    def test_exporters_must_be_a_list_of_exporters(self):
+        """A string (or anything but a sequence of SpanExporters) is refused, naming the field."""
+        for bad in ("not a list", [object()], None):
+            with pytest.raises(ConfigError, match="exporters="):
+                TracingSession(bad)
+
+    def test_a_second_session_on_a_traced_offloader_is_refused(self, memory_exporter):
+        """Two sessions on one offloader would split its steps: the second attach raises."""
+        first, second = TracingSession([memory_exporter]), TracingSession([])
+        offloader = offload(tiny_model(), OffloadConfig(num_layers_on_gpu=3))
+        try:
+            first.attach(offloader)
+            with pytest.raises(RuntimeError, match="already traced by another TracingSession"):
+                second.attach(offloader)
+            first.attach(offloader)  # the same session again is fine
+        finally:
+            first.shutdown(5)
+            second.shutdown(5)
+            offloader.detach()
+
+    def test_attaching_to_a_detached_offloader_is_refused(self):
+        """A detached offloader runs no hooks: tracing it would record nothing, so it raises."""
+        session = TracingSession([])
+        offloader = offload(tiny_model(), OffloadConfig(num_layers_on_gpu=3))
+        offloader.detach()
+        with pytest.raises(RuntimeError, match="the offloader is detached"):
+            session.attach(offloader)
+        session.shutdown(5)
+
+    def test_a_generation_after_shutdown_is_refused(self):
+        """A shut-down session records nothing: opening a generation on it raises, as does attach."""
+        session = TracingSession([])
+        session.shutdown(5)
+        with pytest.raises(RuntimeError, match="shut down"):
+            with session.generation("m", 3):
+                pass
+        offloader = offload(tiny_model(), OffloadConfig(num_layers_on_gpu=3))
+        try:
+            with pytest.raises(RuntimeError, match="shut down"):
+                session.attach(offloader)
+        finally:
+            offloader.detach()

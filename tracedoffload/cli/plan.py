@@ -7,28 +7,22 @@ import dataclasses
 import json
 from typing import Any
 
-import torch
-
 from tracedoffload._exceptions import ConfigError
-from tracedoffload.config import RESIDENCY_POLICIES
+from tracedoffload.models import RANDOM_MODEL
 from tracedoffload.models.gguf_file import is_gguf_path
-from tracedoffload.models.random_model import RANDOM_MODEL
-from tracedoffload.planner import (
+from tracedoffload.presets import (
     DEFAULT_BANDWIDTH_GBPS,
     DEFAULT_DEVICE_MEMORY_GBPS,
     DEFAULT_KV_TOKENS,
     DEFAULT_TARGET_UTILIZATION,
     GPU_TIERS,
+    RESIDENCY_POLICIES,
     GiB,
-    ModelPlan,
-    config_for_tier,
-    estimate_vram,
-    format_table,
-    plan_table,
-    table_to_dict,
 )
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
+# torch and the planner (which imports it) are imported inside `plan`: --help and a bad flag
+# answer without them.
+DTYPE_NAMES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Estimate VRAM, pinned host bytes, copy time and slowdown per number of resident layers.",
     )
     parser.add_argument("--model", metavar="PATH", help="a .gguf file, a model directory or its config.json, or 'random' (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the config's; float32 for a GGUF and the random model)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="weights dtype (default: the config's; float32 for a GGUF and the random model)")
     parser.add_argument("--bandwidth-gbps", type=float, default=DEFAULT_BANDWIDTH_GBPS, help="host-to-device copy rate in GB/s (default %(default)s: PCIe 4.0 x16, pinned, measured)")
     parser.add_argument("--compute-ms", type=float, help="measured per-token compute with every layer resident, in ms (default: estimated from --device-memory-gbps)")
     parser.add_argument("--device-memory-gbps", type=float, default=DEFAULT_DEVICE_MEMORY_GBPS, help="device memory bandwidth for the compute estimate (default %(default)s: RTX 4070 spec)")
@@ -53,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def plan(args: argparse.Namespace) -> int:
     """Print the plan table; every bad flag value raises a ConfigError naming the flag."""
+    from tracedoffload.planner import format_table, plan_table, table_to_dict
+
     _check_flags(args)
     model_plan = _model_plan(args)
     table = plan_table(
@@ -93,8 +89,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--tier", args.tier, f"one of {', '.join(GPU_TIERS)}")
 
 
-def _model_plan(args: argparse.Namespace) -> ModelPlan:
-    dtype = DTYPES[args.dtype] if args.dtype else None
+def _model_plan(args: argparse.Namespace) -> Any:
+    import torch
+
+    from tracedoffload.planner import ModelPlan
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.model is None or args.model == RANDOM_MODEL or is_gguf_path(args.model):
         from tracedoffload.models import load_config
 
@@ -108,7 +108,9 @@ def _model_plan(args: argparse.Namespace) -> ModelPlan:
         raise ConfigError("--model", args.model, f"{error.valid}, a .gguf file, or 'random'") from None
 
 
-def _tier(model_plan: ModelPlan, args: argparse.Namespace) -> dict[str, Any]:
+def _tier(model_plan: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from tracedoffload.planner import config_for_tier, estimate_vram
+
     config = config_for_tier(model_plan, args.tier, prefetch=args.prefetch, residency=args.residency, kv_tokens=args.kv_tokens)
     vram = estimate_vram(model_plan, config.num_layers_on_gpu, prefetch=args.prefetch, residency=args.residency, kv_tokens=args.kv_tokens)
     return {
@@ -122,4 +124,6 @@ def _tier(model_plan: ModelPlan, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
+    import torch
+
     return str(value).removeprefix("torch.") if isinstance(value, (torch.device, torch.dtype)) else value

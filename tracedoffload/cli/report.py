@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 
 from tracedoffload._exceptions import TracedOffloadError
-from tracedoffload.tracing.stats import SLOWEST_KEPT, stats_from_spans
-from tracedoffload.tracing.summary import slowest_tokens, stats_table
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,14 +22,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def report(args: argparse.Namespace) -> int:
-    from tracedoffload.tracing.exporters.jsonl import read_otlp_jsonl
-
     if args.file.is_dir():
         raise TracedOffloadError(f"file={str(args.file)!r} is a directory: give the .otlp.jsonl file written by `tracedoffload run`")
     if not args.file.is_file():
         raise TracedOffloadError(f"file={str(args.file)!r}: no such file")
     if args.slowest < 0:
         raise TracedOffloadError(f"--slowest={args.slowest}: must be >= 0")
+    # Imported once the arguments are checked: --help and a bad argument need no SDK.
+    from tracedoffload.tracing.exporters.jsonl import read_otlp_jsonl
+    from tracedoffload.tracing.stats import SLOWEST_KEPT, stats_from_spans
+    from tracedoffload.tracing.summary import slowest_tokens, stats_table
+
     try:
         stats = stats_from_spans(read_otlp_jsonl(args.file), slowest_kept=max(args.slowest, SLOWEST_KEPT))
     except (ValueError, KeyError, TypeError, ArithmeticError) as error:

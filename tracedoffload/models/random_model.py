@@ -14,8 +14,10 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tracedoffload._exceptions import TracedOffloadError
+from tracedoffload.models import RANDOM_MODEL
 
-RANDOM_MODEL = "random"  # what --model takes
+__all__ = ["RANDOM_MODEL", "RANDOM_MODEL_NAME", "RANDOM_NUM_LAYERS", "ByteTokenizer", "build_random_model", "random_model_config"]
+
 RANDOM_MODEL_NAME = "tracedoffload-random-qwen2-28l"
 RANDOM_NUM_LAYERS = 28  # the seeds' backbone
 

@@ -22,7 +22,6 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import structlog
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import Event, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -31,6 +30,7 @@ from opentelemetry.trace import Span
 
 from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
+from tracedoffload.logs import get_logger
 from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import Timeline
 from tracedoffload.tracing import names
@@ -42,7 +42,7 @@ from tracedoffload.tracing.stats import OffloadStats, StatsSpanProcessor
 from tracedoffload.tracing.token_spans import SpanFactory, TokenTimer, TokenTiming
 from tracedoffload.tracing.worker import TelemetryWorker
 
-log = structlog.get_logger("tracedoffload.tracing")
+log = get_logger("tracedoffload.tracing")
 
 SCOPE_NAME = "tracedoffload"
 TokenListener = Callable[[TokenTiming, OffloadStats], None]
@@ -94,6 +94,8 @@ class TracingSession:
         batch_interval_s: float = 0.25,
         export: ExportSettings | None = None,
     ) -> None:
+        if isinstance(exporters, (str, bytes)) or not isinstance(exporters, Sequence) or not all(isinstance(e, SpanExporter) for e in exporters):
+            raise ConfigError("exporters", exporters, "a list of OpenTelemetry SpanExporter objects (may be empty)")
         check_int("max_queued_steps", max_queued_steps, 1)
         if isinstance(batch_interval_s, bool) or not isinstance(batch_interval_s, (int, float)) or not 0 <= batch_interval_s <= 10:
             raise ConfigError("batch_interval_s", batch_interval_s, "seconds between 0 and 10")
@@ -135,6 +137,12 @@ class TracingSession:
                 f"this TracingSession was created in process {self._pid} and its threads did not survive the fork "
                 f"into process {os.getpid()}: create a TracingSession in this process (after the fork)"
             )
+        if self._closed:
+            raise RuntimeError("this TracingSession is shut down: create a new one to trace again")
+        if not getattr(offloader, "attached", False):
+            raise RuntimeError("the offloader is detached: attach tracing to a running Offloader (from offload())")
+        if isinstance(offloader.timeline, TracingTimeline) and offloader.timeline is not self._recorder:
+            raise RuntimeError("the offloader is already traced by another TracingSession: detach or shut that one down first")
         if self.policy.level == "off":
             return
         streams = offloader.streams
@@ -170,6 +178,8 @@ class TracingSession:
     @contextlib.contextmanager
     def generation(self, model_name: str, input_tokens: int, max_new_tokens: int | None = None) -> Iterator[GenerationHandle]:
         """Trace one generation: a `text_completion {model}` span that every token links to."""
+        if self._closed:
+            raise RuntimeError("this TracingSession is shut down: a generation opened now would record nothing")
         generation_id = secrets.token_hex(8)
         span = None
         if self._orphaned and not self._fork_warned:
@@ -219,6 +229,13 @@ class TracingSession:
         snapshot["dropped_steps"] = self._worker.dropped_items
         snapshot["telemetry_errors"] = self._worker.errors
         return snapshot
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait (bounded) until every finished token is aggregated: the statistics are complete.
+        Exports may still be in flight (`flush` waits for those too); no network is waited on."""
+        if self._orphaned:
+            return False
+        return self._worker.drain(timeout_s)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait (bounded) until every finished token is aggregated and handed to the exporters."""
