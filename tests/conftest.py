@@ -43,3 +43,11 @@ def default_model(default_model_xdg):
     """The default model (SmolLM2-135M-Instruct, dequantized) with its tokenizer: one per session,
     shared; a test that changes it must put it back."""
     return default_model_xdg[1]
+
+
+@pytest.fixture
+def in_tmp_dir(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Run the test in its own temporary directory: `run`'s default traces/ lands there, not in
+    the checkout."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -14,6 +14,9 @@ from tracedoffload.models.random_model import RANDOM_MODEL_NAME
 
 from tests.models.tiny import save_tiny_qwen2
 
+# Each test in its own directory: the default traces/ of a run lands there, not in the checkout.
+pytestmark = pytest.mark.usefixtures("in_tmp_dir")
+
 
 def run_json(capsys, *flags: str) -> dict:
     """Run `tracedoffload run --json` with 4 new tokens (on the random model unless `flags` name

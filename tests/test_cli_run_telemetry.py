@@ -11,6 +11,9 @@ import pytest
 from tests.servers import free_port
 from tracedoffload.cli import main
 
+# Each test in its own directory: the default traces/ of a run lands there, not in the checkout.
+pytestmark = pytest.mark.usefixtures("in_tmp_dir")
+
 MODEL_LOADED = "offload.attached"  # the first log line after the model is loaded and offloaded
 
 
@@ -62,7 +65,76 @@ class TestBadTelemetryInput:
         assert "otlp_endpoint=" in run_error_before_loading(capsys, "--no-trace-file", "--otlp-endpoint", "collector")
 
 
+class TestOtelVariablesRefused:
+    @pytest.mark.parametrize(
+        ("variable", "value"),
+        [
+            ("OTEL_EXPORTER_OTLP_HEADERS", "garbage,,=x"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "authorization"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "garbage;;=="),
+            ("OTEL_RESOURCE_ATTRIBUTES", "a=1,,b=2"),
+            ("OTEL_TRACES_EXPORTER", "bogus"),
+            ("OTEL_TRACES_EXPORTER", "nototlp"),
+            ("OTEL_TRACES_EXPORTER", "otlp,none"),
+            ("OTEL_TRACES_EXPORTER", "zipkin"),
+            ("OTEL_METRICS_EXPORTER", "prometheus"),
+            ("OTEL_LOGS_EXPORTER", "otlp"),
+            ("OTEL_SDK_DISABLED", "yes"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli"),
+        ],
+    )
+    def test_a_value_the_specification_does_not_allow(self, capsys, clean_otel_env, variable, value):
+        """Each one is one error line naming the variable and its value, before the model loads."""
+        clean_otel_env.setenv(variable, value)
+        line = run_error_before_loading(capsys, "--no-trace-file")
+        assert f"{variable}={value!r} is invalid: " in line
+
+    def test_an_endpoint_flag_with_the_sdk_disabled(self, capsys, clean_otel_env):
+        """--otlp-endpoint contradicts OTEL_SDK_DISABLED=true: refused, not silently dropped."""
+        clean_otel_env.setenv("OTEL_SDK_DISABLED", "true")
+        line = run_error_before_loading(capsys, "--no-trace-file", "--otlp-endpoint", f"http://127.0.0.1:{free_port()}")
+        assert "otlp_endpoint=" in line and "OTEL_SDK_DISABLED" in line
+
+
+class TestTraceFileReuse:
+    def test_an_existing_trace_file_is_refused_without_append(self, capsys, tmp_path):
+        """A second run into the same file is refused (it would read back as one run with two
+        prefills); --append adds it, and report then says it read two generations."""
+        path = tmp_path / "run.otlp.jsonl"
+        flags = ["run", "--model", "random", "--max-new-tokens", "3", "--no-progress", "--trace-file", str(path)]
+        assert main(flags) == 0
+        capsys.readouterr()
+        size = path.stat().st_size
+        line = run_error_before_loading(capsys, "--trace-file", str(path))
+        assert "trace_file=" in line and "--append" in line
+        assert path.stat().st_size == size
+        assert main([*flags, "--append"]) == 0
+        capsys.readouterr()
+        assert main(["report", str(path), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["tokens"] == 6
+
+
 class TestTelemetryEnvironment:
+    def test_sdk_disabled_means_no_default_trace_file_and_no_otlp(self, capsys, clean_otel_env, tmp_path, monkeypatch):
+        """OTEL_SDK_DISABLED=true: nothing leaves the process (no OTLP even with an endpoint set,
+        no default trace file); the statistics are still there."""
+        monkeypatch.chdir(tmp_path)
+        clean_otel_env.setenv("OTEL_SDK_DISABLED", "TRUE")
+        clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+        assert main(["run", "--model", "random", "--max-new-tokens", "3", "--json", "--no-progress"]) == 0
+        captured = capsys.readouterr()
+        summary = json.loads(captured.out)
+        assert summary["trace_file"] is None and not (tmp_path / "traces").exists()
+        assert summary["stats"]["tokens"] == 3 and summary["stats"]["dropped_spans"] == 0
+
+    def test_console_traces_exporter_writes_spans_to_stderr(self, capsys, clean_otel_env):
+        """OTEL_TRACES_EXPORTER=console prints each span (the SDK's console exporter) on stderr,
+        keeping stdout for the summary."""
+        clean_otel_env.setenv("OTEL_TRACES_EXPORTER", "console")
+        assert main(["run", "--model", "random", "--max-new-tokens", "2", "--json", "--no-progress", "--no-trace-file"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["generated_tokens"] == 2
+        assert '"name": "token"' in captured.err
     def test_traces_exporter_none_turns_otlp_off(self, capsys, clean_otel_env):
         """OTEL_TRACES_EXPORTER=none wins over an endpoint: nothing is sent, so nothing is dropped."""
         clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")

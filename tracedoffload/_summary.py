@@ -77,7 +77,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     stats = summary.get("stats")
     if stats is not None:
-        lines += ["", stats_table(stats), slowest_tokens(stats, 5)]
+        lines += ["", stats_table(stats), slowest_tokens(stats, 5, exported=summary.get("token_traces_exported", True))]
     elif summary["offload"]:
         lines += ["", "offload statistics: none (tracing was off: --trace-level off)"]
     return "\n".join([*lines, "output:", _printable(summary["output_text"])])
@@ -86,6 +86,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _stop_reason(generation: Any, max_new_tokens: int) -> str:
     if generation.finish_reason == "stop":
         return f"at the end-of-turn token {generation.stop_token!r}"
+    if generation.finish_reason == "interrupted":
+        return "interrupted (Ctrl-C), after the step in progress"
     return f"at the maximum, --max-new-tokens {max_new_tokens}"
 
 

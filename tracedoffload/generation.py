@@ -10,10 +10,13 @@ token; `raw=True` sends the text as it is. Generation stops at the model's end-o
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from typing import Any, NamedTuple
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tracedoffload._exceptions import TracedOffloadError
 from tracedoffload.tracing.session import TracingSession
@@ -21,6 +24,7 @@ from tracedoffload.tracing.session import TracingSession
 # OpenAI's and the GenAI semantic conventions' finish reasons.
 FINISH_STOP = "stop"  # the model emitted an end-of-sequence (end-of-turn) token
 FINISH_LENGTH = "length"  # max_new_tokens was reached
+FINISH_INTERRUPTED = "interrupted"  # Ctrl-C (SIGINT) stopped it at a step boundary
 
 
 class Generation(NamedTuple):
@@ -30,7 +34,7 @@ class Generation(NamedTuple):
     generated_tokens: int
     seconds: float
     text: str
-    finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+    finish_reason: str  # FINISH_STOP, FINISH_LENGTH or FINISH_INTERRUPTED
     stop_token: str | None = None  # the end-of-sequence token that stopped it, as text
 
 
@@ -76,6 +80,7 @@ def generate_once(
     system: str | None = None,
     raw: bool = False,
     ignore_eos: bool = False,
+    interruptible: bool = False,
 ) -> Generation:
     """Greedy-generate up to `max_new_tokens` tokens after `prompt`, timed; traced as one
     generation when a tracing `session` is given.
@@ -83,6 +88,9 @@ def generate_once(
     Args:
         ignore_eos: generate exactly `max_new_tokens` (end-of-sequence never stops it): a
             benchmark needs the same token count in every run.
+        interruptible: a first Ctrl-C (SIGINT) ends the generation cleanly after the step in
+            progress, with what it made so far (`FINISH_INTERRUPTED`); a second one raises
+            KeyboardInterrupt as usual. Main thread only (where Python delivers signals).
 
     Blocking: waits for the device before stopping the clock.
 
@@ -100,21 +108,23 @@ def generate_once(
         # eos_token_id=None overrides the model's generation config; min_new_tokens also masks
         # eos should a generation config put it back.
         limits["min_new_tokens"] = max_new_tokens
+    interrupt = StopOnInterrupt() if interruptible else None
     _synchronize(device)
     traced = session.generation(model_name, input_ids.shape[1], max_new_tokens) if session is not None else contextlib.nullcontext()
     started = time.perf_counter()
-    with torch.inference_mode(), traced as handle:
+    with torch.inference_mode(), traced as handle, interrupt or contextlib.nullcontext():
         output = model.generate(
             input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([interrupt] if interrupt else []),
             **limits,
         )
         new_tokens = output[0, input_ids.shape[1] :]
         stopped = new_tokens.numel() > 0 and int(new_tokens[-1]) in stop_ids
-        finish_reason = FINISH_STOP if stopped else FINISH_LENGTH
+        finish_reason = FINISH_STOP if stopped else FINISH_INTERRUPTED if interrupt and interrupt.requested else FINISH_LENGTH
         if handle is not None:
             handle.output_tokens = new_tokens.numel()
             handle.finish_reason = finish_reason
@@ -123,6 +133,32 @@ def generate_once(
     stop_token = tokenizer.decode([int(new_tokens[-1])], skip_special_tokens=False) if stopped else None
     text = tokenizer.decode(new_tokens, skip_special_tokens=True)
     return Generation(input_ids.shape[1], new_tokens.numel(), seconds, text, finish_reason, stop_token)
+
+
+class StopOnInterrupt(StoppingCriteria):
+    """A stopping criterion that a first SIGINT turns on; as a context manager, it installs its
+    SIGINT handler for the block and puts the previous one back after (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.requested, dtype=torch.bool, device=input_ids.device)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        # A second Ctrl-C is the usual KeyboardInterrupt: a step that never ends can still be left.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _eos_ids(model: torch.nn.Module) -> set[int]:

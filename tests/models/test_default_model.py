@@ -17,6 +17,9 @@ from tracedoffload.models.cache import verified_entry
 
 from tests.models.test_cache import flip_a_byte
 
+# Each test in its own directory: the default traces/ of a run lands there, not in the checkout.
+pytestmark = pytest.mark.usefixtures("in_tmp_dir")
+
 QUESTION = "What is the capital of France? Answer in one sentence."
 
 

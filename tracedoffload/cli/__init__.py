@@ -19,7 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_USAGE = 2  # bad input, as argparse exits for a bad flag
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one subcommand. Only argparse's own imports happen before the arguments are
+    parsed: each subcommand imports torch, transformers and the SDK when it runs."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -27,7 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TracedOffloadError as error:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"tracedoffload {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Ctrl-C outside a generation (loading, converting: the cache is written atomically, so
+        # nothing is left half done); a generation stops itself and reports what it made.
+        print(f"\ntracedoffload {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,119 +1,42 @@
-"""The telemetry of one `tracedoffload run`: flags, and the wiring from them to a tracing session,
-exporters, memory monitor, metrics endpoint and fault injection."""
+"""The telemetry of one `tracedoffload run`: the wiring from its checked flags
+(`telemetry_flags.py`) to a tracing session, exporters, memory monitor, metrics endpoint and
+fault injection, and its end: statistics first, then one bounded flush of what is exported."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import os
+import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 from prometheus_client import CollectorRegistry
 
-from tracedoffload._exceptions import ConfigError
-from tracedoffload.faults import LEAK_KINDS, LeakInjector, inject_leak
-from tracedoffload.logs import LOG_FORMATS, LOG_LEVELS
-from tracedoffload.metrics import OffloadMetrics, check_port_free, serve_metrics
+from tracedoffload.cli.progress import ProgressBar, end_progress_line
+from tracedoffload.faults import LeakInjector, inject_leak
+from tracedoffload.logs import get_logger
+from tracedoffload.metrics import OffloadMetrics, serve_metrics
 from tracedoffload.monitor import MemoryMonitor
 from tracedoffload.offloader import Offloader
 from tracedoffload.tracing import names
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
-from tracedoffload.tracing.exporters.otlp import (
-    PROTOCOLS,
-    check_otlp_settings,
-    otlp_metric_exporter,
-    otlp_requested,
-    otlp_span_exporter,
-)
+from tracedoffload.tracing.exporters.otlp import otlp_metric_exporter, otlp_span_exporter
 from tracedoffload.tracing.exporters.perfetto import PerfettoExporter
-from tracedoffload.tracing.sampling import LEVELS, SamplingPolicy
+from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession, default_resource
 from tracedoffload.tracing.summary import profile_summary
 
-log = structlog.get_logger("tracedoffload.cli")
+log = get_logger("tracedoffload.cli")
 
-DEFAULT_TRACE_DIR = Path("traces")
-MAX_LINGER_S = 86_400
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    tracing = parser.add_argument_group("tracing", "one trace per token, linked to its generation (standard OTEL_* variables apply)")
-    tracing.add_argument("--trace-level", choices=LEVELS, default="layer", help="what is exported: off, generation, token, layer (default layer: layer spans of the tokens the tail rule picks)")
-    tracing.add_argument("--full-detail", action="store_true", help="export every token's layer spans (no sampling)")
-    tracing.add_argument("--first-tokens", type=int, default=SamplingPolicy.first_tokens, help="tokens of each generation always exported with layer detail (default %(default)s)")
-    tracing.add_argument("--sample-every", type=int, default=SamplingPolicy.every_n, help="1 in N of the other tokens exported with layer detail (default %(default)s)")
-    tracing.add_argument("--slow-token-ms", type=float, default=None, help="tokens slower than this always get layer detail")
-    tracing.add_argument("--relative-p95", type=float, default=SamplingPolicy.relative_to_p95, help="tokens slower than this times the running p95 get layer detail (default %(default)s)")
-    tracing.add_argument("--trace-file", type=Path, default=None, help="OTLP JSON-lines trace file (default traces/run-<time>.otlp.jsonl)")
-    tracing.add_argument("--no-trace-file", action="store_true", help="write no trace file")
-    tracing.add_argument("--otlp-endpoint", default=None, help="export over OTLP to this collector (default: OTEL_EXPORTER_OTLP_ENDPOINT when set)")
-    tracing.add_argument("--otlp-protocol", choices=PROTOCOLS, default=None, help="grpc or http/protobuf (default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc)")
-    tracing.add_argument("--perfetto", type=Path, default=None, help="also write a Chrome/Perfetto trace JSON (open in ui.perfetto.dev)")
-    tracing.add_argument("--trace-per-generation", action="store_true", help="one trace per generation instead of one per token (short runs)")
-    tracing.add_argument("--profile-every", type=int, default=None, help="print a profiling summary every N tokens")
-    tracing.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: when stderr is a terminal)")
-    tracing.add_argument("--log-format", choices=LOG_FORMATS, default="console", help="log lines as console text or JSON (default console)")
-    tracing.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    memory = parser.add_argument_group("memory and metrics")
-    memory.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any free port)")
-    memory.add_argument("--metrics-addr", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)")
-    memory.add_argument("--metrics-linger", type=float, default=0.0, help="keep serving metrics this many seconds after the run (for a final scrape)")
-    memory.add_argument("--inject-leak", choices=LEAK_KINDS, default=None, help="fault injection: leak host memory per transfer (seed 003) or a device tensor per token")
-
-
-def check_arguments(args: argparse.Namespace) -> SamplingPolicy:
-    """Validate every telemetry flag before any model work; returns the sampling policy."""
-    for name in ("profile_every",):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(name, value, "an integer >= 1")
-    if not (math.isfinite(args.metrics_linger) and 0 <= args.metrics_linger <= MAX_LINGER_S):
-        raise ConfigError("metrics_linger", args.metrics_linger, f"seconds between 0 and {MAX_LINGER_S}")
-    if args.trace_level != "off":
-        if args.otlp_endpoint or otlp_requested():
-            check_otlp_settings(args.otlp_endpoint, args.otlp_protocol)
-        if not args.no_trace_file:
-            # The default is resolved here, so it is checked like a given path.
-            args.trace_file = args.trace_file or DEFAULT_TRACE_DIR / f"run-{time.strftime('%Y%m%d-%H%M%S')}.otlp.jsonl"
-            _check_output_path("trace_file", args.trace_file)
-        if args.perfetto is not None:
-            _check_output_path("perfetto", args.perfetto)
-    if args.metrics_port is not None:
-        check_port_free(args.metrics_port, args.metrics_addr)
-    if args.inject_leak and args.trace_level == "off":
-        raise ConfigError("inject_leak", args.inject_leak, "used with tracing on: leaks are detected from the token readings (drop --trace-level off)")
-    if args.full_detail:
-        return SamplingPolicy(level=args.trace_level, every_n=1)
-    return SamplingPolicy(
-        level=args.trace_level,
-        first_tokens=args.first_tokens,
-        every_n=args.sample_every,
-        slow_token_ms=args.slow_token_ms,
-        relative_to_p95=args.relative_p95,
-    )
-
-
-def _check_output_path(field: str, path: Path) -> None:
-    """A file that can be written: not a directory, in a directory that exists (or can be made) and
-    is writable. Checked before the model loads, so a typo does not cost a whole run."""
-    if path.is_dir():
-        raise ConfigError(field, str(path), "a file path (this is a directory)")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(field, str(path), f"a file in a directory that can be created ({error.strerror})") from None
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(field, str(path), "a writable file path")
+# Where the SDK's exporters and periodic metric reader log their retries and failures.
+_SDK_EXPORT_LOGGERS = ("opentelemetry.exporter", "opentelemetry.sdk.metrics", "opentelemetry.sdk._shared_internal")
 
 
 @dataclasses.dataclass
@@ -128,22 +51,44 @@ class RunTelemetry:
     metrics_port: int | None = None
     meter_provider: MeterProvider | None = None
     stats: dict[str, Any] | None = None
-    progress: _ProgressBar | None = None
+    progress: ProgressBar | None = None
+    otlp_target: str | None = None  # where OTLP goes, for the line that says what was not sent
+    exports_spans: bool = False  # whether any exporter (file, OTLP, console, Perfetto) takes spans
+    restore_sdk_logs: Callable[[], None] | None = None
 
-    def finish(self, timeout_s: float = 10.0) -> None:
-        """Flush and close the exporters (bounded); keep the statistics."""
-        if self.session is not None:
-            self.session.shutdown(timeout_s)
-            if self.progress is not None:
-                self.progress.close()
-            self.stats = self.session.snapshot()
-            if self.metrics is not None:
-                self.metrics.spans_dropped(self.stats.get("dropped_spans", 0))
-        if self.meter_provider is not None:
-            # Sends the last OTLP metrics; bounded by the exporter's own timeout.
-            self.meter_provider.shutdown(timeout_millis=timeout_s * 1000)
+    def finish_statistics(self, timeout_s: float = 30.0) -> None:
+        """Aggregate every finished token (local work, no network) and keep the statistics: the
+        summary is printed from them before anything waits on a collector."""
+        if self.session is None:
+            return
+        self.session.drain(timeout_s)
+        if self.progress is not None:
+            self.progress.close()
+        self.stats = self.session.snapshot()
         if self.injector is not None:
             log.info("fault.leaked", kind=self.injector.kind, leaked_bytes=self.injector.leaked_bytes)
+
+    def flush_exports(self, budget_s: float) -> None:
+        """Send what is still queued, traces and metrics side by side, within one budget. Lost
+        spans are reported by the session (`tracing.spans_lost`, one line); metrics still being
+        sent when the budget ends get one line here."""
+        if self.session is None:
+            return
+        deadline = time.monotonic() + budget_s
+        metrics_closer = None
+        if self.meter_provider is not None:
+            provider = self.meter_provider
+            metrics_closer = threading.Thread(target=lambda: provider.shutdown(timeout_millis=budget_s * 1000), daemon=True)
+            metrics_closer.start()
+        self.session.shutdown(budget_s)
+        if metrics_closer is not None:
+            metrics_closer.join(max(0.0, deadline - time.monotonic()))
+            if metrics_closer.is_alive():
+                log.warning("metrics.not_sent", to=self.otlp_target, hint=f"the last metrics were still being sent when --export-budget {budget_s:g} s ran out")
+        if self.metrics is not None:
+            self.metrics.spans_dropped(self.session.dropped_spans)
+        if self.restore_sdk_logs is not None:
+            self.restore_sdk_logs()
 
     def linger_and_close(self, linger_s: float) -> None:
         if self.metrics_server is None:
@@ -158,24 +103,32 @@ class RunTelemetry:
 
 
 def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader, model_name: str, kv_bytes_per_token: int) -> RunTelemetry:
-    """Attach tracing, memory monitoring, metrics and fault injection to `offloader`."""
+    """Attach tracing, memory monitoring, metrics and fault injection to `offloader`, as the flags
+    checked by `telemetry_flags.check_arguments` ask."""
     telemetry = RunTelemetry()
     if policy.level == "off":
         return telemetry
+    if args.log_level != "debug":
+        telemetry.restore_sdk_logs = quiet_sdk_export_logs()
+    otel = args.otel
     exporters: list[SpanExporter] = []
-    if not args.no_trace_file:
-        telemetry.trace_file = args.trace_file  # resolved and checked by check_arguments
+    if args.trace_file is not None:
+        telemetry.trace_file = args.trace_file
         exporters.append(OtlpJsonLinesExporter(telemetry.trace_file))
-    if args.otlp_endpoint or otlp_requested():
+    if args.otlp:
         exporters.append(otlp_span_exporter(args.otlp_endpoint, args.otlp_protocol))
+        telemetry.otlp_target = args.otlp_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+    if "console" in otel.traces_exporters and otel.traces_exporter_set and not otel.sdk_disabled:
+        exporters.append(ConsoleSpanExporter(out=sys.stderr))  # stdout carries the summary
     if args.perfetto:
         telemetry.perfetto = args.perfetto
         exporters.append(PerfettoExporter(args.perfetto))
     session = TracingSession(exporters, policy=policy, per_token_traces=not args.trace_per_generation)
-    otlp = bool(args.otlp_endpoint or otlp_requested())
-    if args.metrics_port is not None or otlp:
+    telemetry.exports_spans = bool(exporters)
+    readers = _metric_readers(args)
+    if args.metrics_port is not None or readers:
         registry = CollectorRegistry()
-        telemetry.meter_provider = _meter_provider(args) if otlp else MeterProvider()
+        telemetry.meter_provider = MeterProvider(resource=default_resource(), metric_readers=readers)
         telemetry.metrics = OffloadMetrics(model_name, registry=registry, meter_provider=telemetry.meter_provider)
         if args.metrics_port is not None:
             telemetry.metrics_server, telemetry.metrics_port = serve_metrics(registry, args.metrics_port, args.metrics_addr)
@@ -196,7 +149,7 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
         )
     if args.progress or (args.progress is None and sys.stderr.isatty()):
         # One step per new token: the prefill makes the first, each decode step one more.
-        telemetry.progress = _ProgressBar(args.max_new_tokens)
+        telemetry.progress = ProgressBar(args.max_new_tokens)
         session.add_token_listener(telemetry.progress)
     if args.profile_every:
         every = args.profile_every
@@ -209,57 +162,40 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
     return telemetry
 
 
-def _meter_provider(args: argparse.Namespace) -> MeterProvider:
-    """OTLP metrics every 5 s (and at shutdown), to the same collector as the traces."""
-    exporter = otlp_metric_exporter(args.otlp_endpoint, args.otlp_protocol)
-    return MeterProvider(resource=default_resource(), metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=5000)])
+def _metric_readers(args: argparse.Namespace) -> list[MetricReader]:
+    """OTLP metrics every 5 s (and at shutdown) to the traces' collector, as OTEL_METRICS_EXPORTER
+    allows (unset: with OTLP traces); console metrics on stderr when it names console."""
+    otel = args.otel
+    if otel.sdk_disabled:
+        return []
+    readers: list[MetricReader] = []
+    if args.otlp and "otlp" in otel.metrics_exporters:
+        exporter = otlp_metric_exporter(args.otlp_endpoint, args.otlp_protocol)
+        readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=5000))
+    if "console" in otel.metrics_exporters and otel.metrics_exporter_set:
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr), export_interval_millis=5000))
+    return readers
+
+
+def quiet_sdk_export_logs() -> Callable[[], None]:
+    """Silence the SDK's exporters for the run; returns what puts their log levels back.
+
+    They log every retry and failure (a dozen lines for one collector that is down, some
+    mid-generation); the run counts lost spans itself and says so in one line at the end
+    (`RunTelemetry.flush_exports`). `--log-level debug` keeps them."""
+    loggers = [logging.getLogger(name) for name in _SDK_EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+
+    def restore() -> None:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+    return restore
 
 
 def _maybe_profile(stats: Any, every: int) -> None:
     if stats.tokens and stats.tokens % every == 0:
         end_progress_line()
         print(profile_summary(stats.snapshot(), stats.tokens), file=sys.stderr, flush=True)
-
-
-class _ProgressBar:
-    """A one-line progress bar on stderr, updated from the telemetry thread; anything else written
-    to stderr meanwhile (log lines from any thread) first ends the bar's line: `end_progress_line`."""
-
-    def __init__(self, total: int, width: int = 30) -> None:
-        self.total = total
-        self.width = width
-        self.started = time.monotonic()
-        self._mid_line = False  # the bar is drawn and the cursor is after it
-        self._lock = threading.Lock()  # a redraw and a line break from two threads do not interleave
-        _ACTIVE_BARS.append(self)
-
-    def __call__(self, timing: Any, stats: Any) -> None:
-        done = min(stats.tokens, self.total)
-        filled = self.width * done // self.total
-        rate = done / max(1e-9, time.monotonic() - self.started)
-        with self._lock:
-            print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps  {rate:.1f} steps/s", end="", file=sys.stderr, flush=True)
-            self._mid_line = True
-        if done >= self.total:
-            self.break_line()
-
-    def break_line(self) -> None:
-        """End the bar's line, so whatever is printed next starts on its own."""
-        with self._lock:
-            if self._mid_line:
-                print(file=sys.stderr, flush=True)
-                self._mid_line = False
-
-    def close(self) -> None:
-        self.break_line()
-        if self in _ACTIVE_BARS:
-            _ACTIVE_BARS.remove(self)
-
-
-_ACTIVE_BARS: list[_ProgressBar] = []
-
-
-def end_progress_line() -> None:
-    """Before writing to stderr: end a progress bar's line, if one is drawn."""
-    for bar in list(_ACTIVE_BARS):
-        bar.break_line()

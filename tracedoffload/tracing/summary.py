@@ -7,25 +7,36 @@ from typing import Any
 
 
 def stats_table(stats: dict[str, Any]) -> str:
-    """The end-of-run statistics table."""
+    """The end-of-run statistics table, in the terms of the device it ran on: on a CPU device the
+    "transfer" is a memcpy within host memory that cannot overlap compute (one set of cores does
+    both), so the rows about overlap and device memory saved, which cannot apply, are left out."""
     if not stats.get("tokens"):
         return f"offload statistics: none ({stats.get('reason', 'no tokens traced')})"
     breakdown = stats["time_breakdown"]
     latency = stats["token_latency_ms"]
+    on_cpu = str(stats.get("device") or "").startswith("cpu")
+    copy = "host->slot copy ms (CPU memcpy)" if on_cpu else "cpu->gpu transfer ms"
     rows = [
+        ("device", str(stats.get("device") or "not recorded")),
         ("offloading", "enabled" if stats["enabled"] else "disabled (every layer resident)"),
-        ("gpu / cpu layers", f"{stats['gpu_layers']} / {stats['cpu_layers']}"),
+        ("gpu / cpu layers" if not on_cpu else "resident / offloaded", f"{stats['gpu_layers']} / {stats['cpu_layers']}"),
+        ("generations", str(stats.get("generations", 1))),
         ("tokens (decode)", f"{stats['tokens']} ({stats['decode_tokens']})"),
         ("token latency ms", f"p50 {latency['p50']:.2f}  p90 {latency['p90']:.2f}  p99 {latency['p99']:.2f}  max {latency['max']:.2f}"),
         ("pure computation ms", f"{breakdown['pure_computation_ms']:.2f}"),
-        ("cpu->gpu transfer ms", f"{breakdown['cpu_to_gpu_transfer_ms']:.2f}  ({stats['transfer_gbps']:.2f} GB/s, avg {stats['avg_layer_transfer_ms']:.3f} ms/layer)"),
-        ("gpu->cpu release ms", f"{breakdown['gpu_to_cpu_release_ms']:.2f}  (no copy back)"),
+        (copy, f"{breakdown['cpu_to_gpu_transfer_ms']:.2f}  ({stats['transfer_gbps']:.2f} GB/s, avg {stats['avg_layer_transfer_ms']:.3f} ms/layer)"),
+        ("release ms" if on_cpu else "gpu->cpu release ms", f"{breakdown['gpu_to_cpu_release_ms']:.2f}  (pointer swap, no copy back)"),
         ("transfer overhead", f"{stats['transfer_overhead_ms']:.2f} ms = {stats['overhead_percentage']:.1f}% of transfer+compute"),
         ("prefetched transfers", f"{100 * stats['prefetched_share']:.1f}% issued ahead of need"),
-        ("overlap efficiency", f"{100 * stats['overlap_efficiency']:.1f}% of copy time hidden behind compute"),
-        ("compute waited for copies", f"{stats['compute_wait_ms']:.2f} ms"),
-        ("theoretical async savings", f"{stats['theoretical_async_savings_ms']:.2f} ms"),
-        ("vram saved", f"{stats['vram_saved_gb']:.4f} GB  (pinned host {stats['pinned_bytes'] / 2**20:.1f} MiB)"),
+    ]
+    if not on_cpu:
+        rows += [
+            ("overlap efficiency", f"{100 * stats['overlap_efficiency']:.1f}% of copy time hidden behind compute"),
+            ("compute waited for copies", f"{stats['compute_wait_ms']:.2f} ms"),
+            ("theoretical async savings", f"{stats['theoretical_async_savings_ms']:.2f} ms"),
+            ("vram saved", f"{stats['vram_saved_gb']:.4f} GB  (pinned host {stats['pinned_bytes'] / 2**20:.1f} MiB)"),
+        ]
+    rows += [
         ("tokens with layer detail", str(stats["layer_detail_tokens"])),
         ("dropped spans", "not known from a trace file" if stats["dropped_spans"] is None else str(stats["dropped_spans"])),
     ]
@@ -33,9 +44,15 @@ def stats_table(stats: dict[str, Any]) -> str:
     return "\n".join(["offload statistics (from spans)"] + [f"  {name:<{width}}  {value}" for name, value in rows])
 
 
-def slowest_tokens(stats: dict[str, Any], limit: int = 10) -> str:
-    """The slowest tokens with the trace ids to open in Jaeger or Tempo."""
-    lines = ["slowest tokens (open the trace id in Jaeger/Tempo)"]
+def slowest_tokens(stats: dict[str, Any], limit: int = 10, *, exported: bool = True) -> str:
+    """The slowest tokens with the trace ids to open in Jaeger or Tempo.
+
+    Args:
+        exported: whether the tokens' traces were exported; when not (a run at --trace-level
+            generation), the ids are still listed, but not as something to open.
+    """
+    where = "open the trace id in Jaeger/Tempo" if exported else "their traces were not exported at this --trace-level"
+    lines = [f"slowest tokens ({where})"]
     for token in stats.get("slowest_tokens", [])[:limit]:
         lines.append(f"  {token['ms']:9.3f} ms  token {token['token_index']:>5}  {token['phase']:<7}  trace {token['trace_id']}  generation {token['generation_id']}")
     return "\n".join(lines)
@@ -43,15 +60,20 @@ def slowest_tokens(stats: dict[str, Any], limit: int = 10) -> str:
 
 def profile_summary(stats: dict[str, Any], token_count: int) -> str:
     """The periodic profiling summary (per-layer compute, transfers, theoretical savings)."""
-    lines = [f"profiling summary - token {token_count}", "  per-layer compute (avg ms; * = offloaded)"]
+    lines = [
+        f"profiling summary - token {token_count}",
+        "  per layer (* = offloaded): compute is the average ms per token; transfer and waited are totals so far",
+        f"    {'layer':>9}  {'compute avg ms':>14}  {'transfer total ms':>17}  {'waited total ms':>15}",
+    ]
     for index, row in stats.get("per_layer", {}).items():
         mark = "*" if row["offloaded"] else " "
-        lines.append(f"    layer {index:>3}{mark} {row['avg_compute_ms']:8.3f}   transfer {row['transfer_ms']:8.2f} ms   waited {row['wait_ms']:7.2f} ms")
+        lines.append(f"    {index:>8}{mark}  {row['avg_compute_ms']:14.3f}  {row['transfer_ms']:17.2f}  {row['wait_ms']:15.2f}")
     breakdown = stats.get("time_breakdown", {})
     total = sum(breakdown.values()) or 1.0
     lines.append(
         "  totals: "
         + "  ".join(f"{name.replace('_ms', '')} {value:.1f} ms ({100 * value / total:.1f}%)" for name, value in breakdown.items())
     )
-    lines.append(f"  theoretical async savings: {stats.get('theoretical_async_savings_ms', 0.0):.2f} ms")
+    if not str(stats.get("device") or "").startswith("cpu"):  # a CPU device cannot overlap copies
+        lines.append(f"  theoretical async savings: {stats.get('theoretical_async_savings_ms', 0.0):.2f} ms")
     return "\n".join(lines)

@@ -16,26 +16,29 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from opentelemetry.sdk.environment_variables import (
-    OTEL_EXPORTER_OTLP_ENDPOINT,
-    OTEL_EXPORTER_OTLP_PROTOCOL,
-    OTEL_EXPORTER_OTLP_TIMEOUT,
-    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
-    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
-    OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
-)
-from opentelemetry.sdk.trace.export import SpanExporter
+from typing import TYPE_CHECKING
 
 from tracedoffload._exceptions import ConfigError
+from tracedoffload.tracing.otel_env import PROTOCOLS, read_otel_environment
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+# The variables' names, as the SDK spells them (opentelemetry.sdk.environment_variables): written
+# out here so that checking them imports no SDK module (the command line checks before it loads).
+OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+OTEL_EXPORTER_OTLP_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
+OTEL_EXPORTER_OTLP_TIMEOUT = "OTEL_EXPORTER_OTLP_TIMEOUT"
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+OTEL_EXPORTER_OTLP_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+OTEL_EXPORTER_OTLP_TRACES_TIMEOUT = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
 
 __all__ = ["DEFAULT_TIMEOUT_S", "PROTOCOLS", "check_otlp_settings", "otlp_requested", "otlp_span_exporter"]
 
-PROTOCOLS = ("grpc", "http/protobuf")
 DEFAULT_PROTOCOL = "grpc"
 # Short on purpose: the SDK waits 10 s per batch by default, all of it on the export thread while
 # spans queue up behind it; a collector that is down should cost little.
 DEFAULT_TIMEOUT_S = 5.0
-OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
 _METRICS_PATH = "/v1/metrics"
 _TRACES_PATH = "/v1/traces"
 _VALID_PROTOCOLS = (
@@ -228,14 +231,20 @@ def check_otlp_settings(endpoint: str | None = None, protocol: str | None = None
 
 
 def otlp_requested() -> bool:
-    """Whether the environment asks for OTLP export.
+    """Whether the environment asks for OTLP trace export.
 
-    `OTEL_TRACES_EXPORTER` decides when set (`otlp`: yes; `none`, `console`: no); otherwise True
-    when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (not blank).
+    Never with `OTEL_SDK_DISABLED=true`. `OTEL_TRACES_EXPORTER` decides when set (a list naming
+    `otlp`: yes; `none`, `console`: no); otherwise True when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+    `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (not blank).
+
+    Raises:
+        ConfigError: an OTEL_* variable holds a value the specification does not allow.
     """
-    chosen = os.environ.get(OTEL_TRACES_EXPORTER, "").strip().lower()
-    if chosen:
-        return "otlp" in chosen
+    environment = read_otel_environment()
+    if environment.sdk_disabled:
+        return False
+    if environment.traces_exporter_set:
+        return "otlp" in environment.traces_exporters
     return _env(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is not None
 
 
