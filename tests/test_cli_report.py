@@ -18,17 +18,22 @@ def run_to_file(capsys, path, *flags):
     return json.loads(capsys.readouterr().out)
 
 
+LIVE_ONLY = ("dropped_spans", "dropped_steps", "telemetry_errors")  # counters a file cannot hold
+
+
+def assert_report_equals_live(capsys, path, live: dict) -> None:
+    """`report FILE --json` gives the statistics `run` printed, but for the live-only counters."""
+    assert main(["report", str(path), "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    expected = {key: value for key, value in json.loads(json.dumps(live)).items() if key not in LIVE_ONLY}
+    assert {key: value for key, value in from_file.items() if key not in LIVE_ONLY} == expected
+
+
 class TestReport:
     def test_report_equals_the_live_statistics(self, capsys, tmp_path):
         """The file's statistics equal those `run` printed, except the live-only counters."""
         path = tmp_path / "run.otlp.jsonl"
-        live = run_to_file(capsys, path, "--full-detail")["stats"]
-        assert main(["report", str(path), "--json"]) == 0
-        from_file = json.loads(capsys.readouterr().out)
-        for key in ("dropped_spans", "dropped_steps", "telemetry_errors"):
-            live.pop(key, None)
-            from_file.pop(key, None)
-        assert from_file == json.loads(json.dumps(live))
+        assert_report_equals_live(capsys, path, run_to_file(capsys, path, "--full-detail")["stats"])
 
     def test_report_lists_the_slowest_tokens_with_trace_ids(self, capsys, tmp_path):
         """The text report shows the statistics table and the slowest tokens' trace ids."""
@@ -78,6 +83,8 @@ class TestReport:
             {"key": "token.compute_ns", "value": {"arrayValue": {"values": [{"intValue": "1"}]}}},
             {"key": "token.index", "value": {"arrayValue": {"values": []}}},
             {"key": "token.compute_ns", "value": {"doubleValue": "Infinity"}},
+            {"key": "token.payload", "value": {"bytesValue": "not base64!"}},
+            {"key": "token.index", "value": {"intValue": "five"}},
         ],
     )
     def test_token_spans_with_wrongly_typed_attributes_exit_2(self, capsys, tmp_path, attribute):
@@ -93,6 +100,17 @@ class TestReport:
         err = capsys.readouterr().err
         assert "not an OTLP JSON-lines trace file" in err
         assert attribute["key"] in err  # the message names the attribute
+        assert "Incorrect padding" not in err and "Error(" not in err
+
+    def test_a_malformed_trace_id_is_named(self, capsys, tmp_path):
+        """An id that is neither hex nor base64 is named with the line, not a bare decoder error."""
+        span = {"traceId": "zz", "spanId": "0" * 15 + "2", "name": "token", "startTimeUnixNano": "1", "endTimeUnixNano": "2"}
+        line = {"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}
+        path = tmp_path / "ids.jsonl"
+        path.write_text(json.dumps(line) + "\n")
+        assert main(["report", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "ids.jsonl:1" in err and "traceId 'zz' is neither 32 hex digits nor base64" in err
         assert "Traceback" not in err
 
     def test_slowest_lists_as_many_as_asked_beyond_the_default_ten(self, capsys, tmp_path):

@@ -50,7 +50,12 @@ class TestBadTelemetryInput:
         assert "metrics_linger=" in run_error_before_loading(capsys, "--no-trace-file", "--metrics-linger", linger)
 
     def test_slow_token_ms_not_a_positive_number(self, capsys):
-        assert "slow_token_ms=" in run_error_before_loading(capsys, "--no-trace-file", "--slow-token-ms", "nan")
+        assert "--slow-token-ms=nan" in run_error_before_loading(capsys, "--no-trace-file", "--slow-token-ms", "nan")
+
+    @pytest.mark.parametrize(("flag", "value"), [("--sample-every", "0"), ("--first-tokens", "-1"), ("--relative-p95", "0")])
+    def test_sampling_flags_are_named_as_typed(self, capsys, flag, value):
+        """The sampling policy's own field names (every_n, ...) never reach the user."""
+        assert f"{flag}={value}" in run_error_before_loading(capsys, "--no-trace-file", flag, value).replace("'", "")
 
     def test_bad_protocol_in_the_environment(self, capsys, clean_otel_env):
         clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")

@@ -334,11 +334,20 @@ class TestPlanCommand:
         read from the GGUF without converting it), and `--model random` for the random 28 layers."""
         assert main(["plan"]) == 0
         out = capsys.readouterr().out
-        assert out.startswith("30 layers") and "weights float32" in out
+        assert out.splitlines()[1].startswith("30 layers") and "weights float32" in out
         for needle in ("resident", "balanced", "extreme", "vram GiB", "saved GiB", "host GiB", "copy ms/tok", "slowdown"):
             assert needle in out
         assert main(["plan", "--model", "random"]) == 0
-        assert capsys.readouterr().out.startswith("28 layers")
+        out = capsys.readouterr().out
+        assert out.startswith("figures for: a GPU with 504 GB/s device memory") and "not this machine" in out
+        assert out.splitlines()[1].startswith("28 layers")
+
+    def test_measure_uses_this_machine(self, capsys):
+        """--measure times this machine's copies and resident compute and says the figures are its own."""
+        assert main(["plan", "--model", "random", "--measure", "--json"]) == 0
+        payload = json.loads(capsys.readouterr().out)
+        assert payload["figures_for"].startswith("this machine's CPU") and "measured" in payload["figures_for"]
+        assert payload["bandwidth_gbps"] > 0 and payload["compute_ms_per_token"] > 0
 
     def test_table_for_a_local_directory(self, capsys, tmp_path):
         """--model with a directory holding config.json prints its table, and --tier the config it gives."""

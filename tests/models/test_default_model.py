@@ -16,6 +16,7 @@ from tracedoffload.models import load_model
 from tracedoffload.models.cache import verified_entry
 
 from tests.models.test_cache import flip_a_byte
+from tests.test_cli_report import assert_report_equals_live
 
 # Each test in its own directory: the default traces/ of a run lands there, not in the checkout.
 pytestmark = pytest.mark.usefixtures("in_tmp_dir")
@@ -96,14 +97,8 @@ class TestCommand:
         assert summary["model"] == "SmolLM2-135M-Instruct.Q4_1"
         assert "Paris" in summary["output_text"]
         assert summary["finish_reason"] == "stop" and summary["stop_reason"] == "at the end-of-turn token '<|im_end|>'"
-        live = summary["stats"]
-        assert live["tokens"] == summary["generated_tokens"]
-        assert main(["report", str(path), "--json"]) == 0
-        from_file = json.loads(capsys.readouterr().out)
-        for key in ("dropped_spans", "dropped_steps", "telemetry_errors"):
-            live.pop(key, None)
-            from_file.pop(key, None)
-        assert from_file == json.loads(json.dumps(live))
+        assert summary["stats"]["tokens"] == summary["generated_tokens"]
+        assert_report_equals_live(capsys, path, summary["stats"])
 
     def test_system_and_raw_flags(self, capsys, default_model_xdg, monkeypatch):
         """--system reaches the chat template; --raw with --system is refused, naming the field."""

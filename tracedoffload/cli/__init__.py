@@ -5,14 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from tracedoffload._exceptions import TracedOffloadError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument answered in one line (argparse prints the whole usage first,
+    which for `run` is a screenful above the one line that matters)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tracedoffload.cli import plan, report, run
 
-    parser = argparse.ArgumentParser(prog="tracedoffload", description=__doc__)
+    parser = _Parser(prog="tracedoffload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (run, plan, report):
         module.add_parser(sub)

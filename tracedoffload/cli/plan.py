@@ -41,6 +41,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--residency", default="interleaved", help=f"which layers stay resident: {', '.join(RESIDENCY_POLICIES)} (default interleaved)")
     parser.add_argument("--every-k", action="store_true", help="a row for every number of resident layers, not only the presets")
     parser.add_argument("--tier", help=f"also show the config a GPU tier preset gives: {', '.join(GPU_TIERS)}")
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="measure this machine's copy rate and resident compute per token (loads the model) instead of assuming the GPU below",
+    )
+    parser.add_argument("--device", default="auto", help="with --measure: auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--json", action="store_true", help="print the table (and the tier's config) as one JSON object")
     parser.set_defaults(handler=plan)
 
@@ -51,10 +57,11 @@ def plan(args: argparse.Namespace) -> int:
 
     _check_flags(args)
     model_plan = _model_plan(args)
+    measured = _measure(args) if args.measure else None
     table = plan_table(
         model_plan,
-        bandwidth_gbps=args.bandwidth_gbps,
-        compute_ms_per_token=args.compute_ms,
+        bandwidth_gbps=measured.copy_gbps if measured else args.bandwidth_gbps,
+        compute_ms_per_token=measured.compute_ms_per_token if measured else args.compute_ms,
         device_memory_gbps=args.device_memory_gbps,
         prefetch=args.prefetch,
         residency=args.residency,
@@ -62,9 +69,11 @@ def plan(args: argparse.Namespace) -> int:
         every_k=args.every_k,
     )
     tier = _tier(model_plan, args) if args.tier else None
+    figures_for = _figures_for(args, measured)
     if args.json:
-        print(json.dumps({**table_to_dict(table), "tier": tier}, indent=2))
+        print(json.dumps({**table_to_dict(table), "tier": tier, "figures_for": figures_for}, indent=2))
         return 0
+    print(f"figures for: {figures_for}")
     print(format_table(table))
     if tier:
         print(
@@ -87,6 +96,30 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--residency", args.residency, f"one of {', '.join(RESIDENCY_POLICIES)}")
     if args.tier is not None and args.tier not in GPU_TIERS:
         raise ConfigError("--tier", args.tier, f"one of {', '.join(GPU_TIERS)}")
+
+
+def _measure(args: argparse.Namespace) -> Any:
+    """Load the model and measure this machine (see tracedoffload.measure)."""
+    import sys
+
+    from tracedoffload.measure import measure
+    from tracedoffload.models import load_model
+    from tracedoffload.offloader import resolve_device
+
+    device = resolve_device(args.device)
+    print(f"tracedoffload: measuring copy rate and resident compute on {device}", file=sys.stderr, flush=True)
+    loaded = load_model(args.model, notify=lambda message: print(f"tracedoffload: {message}", file=sys.stderr, flush=True))
+    return measure(loaded.model, loaded.tokenizer, device)
+
+
+def _figures_for(args: argparse.Namespace, measured: Any) -> str:
+    """Which device the table's times are for, said plainly (they are not this machine's unless measured)."""
+    if measured is not None:
+        where = "this machine's CPU: the copies are memcpys that cannot overlap compute, read the no-overlap end of the slowdown" if measured.device == "cpu" else f"this machine's {measured.device}"
+        return f"{where}; measured {measured.copy_gbps:.1f} GB/s copy, {measured.compute_ms_per_token:.2f} ms/token resident compute"
+    link = "assumed host link" if args.bandwidth_gbps == DEFAULT_BANDWIDTH_GBPS else "given host link"
+    compute = f"given compute {args.compute_ms} ms/token" if args.compute_ms else f"a GPU with {args.device_memory_gbps:g} GB/s device memory (RTX 4070 class, assumed)"
+    return f"{compute}, {link} {args.bandwidth_gbps:g} GB/s (PCIe 4.0 x16 class), not this machine; --measure measures this one"
 
 
 def _model_plan(args: argparse.Namespace) -> Any:

@@ -88,15 +88,22 @@ def check_arguments(args: argparse.Namespace) -> SamplingPolicy:
         check_port_free(args.metrics_port, args.metrics_addr)
     if args.inject_leak and args.trace_level == "off":
         raise ConfigError("inject_leak", args.inject_leak, "used with tracing on: leaks are detected from the token readings (drop --trace-level off)")
-    if args.full_detail:
-        return SamplingPolicy(level=args.trace_level, every_n=1)
-    return SamplingPolicy(
-        level=args.trace_level,
-        first_tokens=args.first_tokens,
-        every_n=args.sample_every,
-        slow_token_ms=args.slow_token_ms,
-        relative_to_p95=args.relative_p95,
-    )
+    try:
+        if args.full_detail:
+            return SamplingPolicy(level=args.trace_level, every_n=1)
+        return SamplingPolicy(
+            level=args.trace_level,
+            first_tokens=args.first_tokens,
+            every_n=args.sample_every,
+            slow_token_ms=args.slow_token_ms,
+            relative_to_p95=args.relative_p95,
+        )
+    except ConfigError as error:
+        # The policy names its own fields; the user typed flags.
+        raise ConfigError(_SAMPLING_FLAGS.get(error.field, error.field), error.value, error.valid) from None
+
+
+_SAMPLING_FLAGS = {"every_n": "--sample-every", "first_tokens": "--first-tokens", "slow_token_ms": "--slow-token-ms", "relative_to_p95": "--relative-p95"}
 
 
 def _resolve_trace_file(args: argparse.Namespace) -> None:

@@ -11,18 +11,15 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tracedoffload._lazy import lazy_exports
 
 RANDOM_MODEL = "random"  # what --model takes for the random model
 
-__all__ = ["RANDOM_MODEL", "LoadedModel", "load_config", "load_model"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("LoadedModel", "load_config", "load_model"):
-        return getattr(importlib.import_module("tracedoffload.models.loading"), name)
-    raise AttributeError(f"module 'tracedoffload.models' has no attribute {name!r}")
+_EXPORTS = dict.fromkeys(("LoadedModel", "load_config", "load_model"), f"{__name__}.loading")
+__all__ = ["RANDOM_MODEL", *_EXPORTS]
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:

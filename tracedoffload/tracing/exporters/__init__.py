@@ -12,30 +12,25 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tracedoffload._lazy import lazy_exports
 
 # Each name and its module, imported on first use: checking the OTLP settings (the command line,
 # before it loads anything) must not import every exporter and the SDK with them.
 _EXPORTS = {
-    "CountingExporter": "counting",
-    "ExportCounts": "counting",
-    "OtlpJsonLinesExporter": "jsonl",
-    "PerfettoExporter": "perfetto",
-    "check_otlp_settings": "otlp",
-    "encode_otlp_json": "jsonl",
-    "otlp_requested": "otlp",
-    "otlp_span_exporter": "otlp",
-    "read_otlp_jsonl": "jsonl",
+    "CountingExporter": f"{__name__}.counting",
+    "ExportCounts": f"{__name__}.counting",
+    "OtlpJsonLinesExporter": f"{__name__}.jsonl",
+    "PerfettoExporter": f"{__name__}.perfetto",
+    "check_otlp_settings": f"{__name__}.otlp",
+    "encode_otlp_json": f"{__name__}.jsonl",
+    "otlp_requested": f"{__name__}.otlp",
+    "otlp_span_exporter": f"{__name__}.otlp",
+    "read_otlp_jsonl": f"{__name__}.jsonl",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tracedoffload.tracing.exporters' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"tracedoffload.tracing.exporters.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:

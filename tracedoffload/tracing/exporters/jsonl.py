@@ -120,13 +120,16 @@ class OtlpJsonLinesExporter(SpanExporter):
 # -- reading ------------------------------------------------------------------------------------------
 
 
-def _id(text: str | None, size: int) -> int:
+def _id(text: str | None, size: int, field: str) -> int:
     """A trace (16 bytes) or span (8 bytes) id: lowercase hex per OTLP/JSON, or protobuf's base64."""
     if not text:
         return 0
-    if len(text) == 2 * size:
-        return int(text, 16)
-    return int.from_bytes(base64.b64decode(text), "big")
+    try:
+        if len(text) == 2 * size:
+            return int(text, 16)
+        return int.from_bytes(base64.b64decode(text, validate=True), "big")
+    except (ValueError, TypeError):
+        raise ValueError(f"{field} {text!r} is neither {2 * size} hex digits nor base64") from None
 
 
 def _python_value(value: Mapping[str, Any]) -> Any:
@@ -143,29 +146,35 @@ def _python_value(value: Mapping[str, Any]) -> Any:
     if "kvlistValue" in value:
         return _python_attributes(value["kvlistValue"].get("values", ()))
     if "bytesValue" in value:
-        return base64.b64decode(value["bytesValue"])
+        return base64.b64decode(value["bytesValue"], validate=True)
     return None
 
 
 def _python_attributes(key_values: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    return {kv["key"]: _python_value(kv.get("value") or {}) for kv in key_values}
+    attributes = {}
+    for kv in key_values:
+        try:
+            attributes[kv["key"]] = _python_value(kv.get("value") or {})
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"attribute {kv['key']!r} has a malformed value {kv.get('value')!r} ({error})") from None
+    return attributes
 
 
 def _views(request: Mapping[str, Any]) -> Iterator[SpanView]:
     for resource_spans in request.get("resourceSpans", ()):
         for scope_spans in resource_spans.get("scopeSpans", ()):
             for span in scope_spans.get("spans", ()):
-                parent = _id(span.get("parentSpanId"), 8)
+                parent = _id(span.get("parentSpanId"), 8, "parentSpanId")
                 yield SpanView(
                     name=span.get("name", ""),
-                    trace_id=_id(span.get("traceId"), 16),
-                    span_id=_id(span.get("spanId"), 8),
+                    trace_id=_id(span.get("traceId"), 16, "traceId"),
+                    span_id=_id(span.get("spanId"), 8, "spanId"),
                     parent_span_id=parent or None,
                     start_ns=int(span.get("startTimeUnixNano", 0)),
                     end_ns=int(span.get("endTimeUnixNano", 0)),
                     attributes=_python_attributes(span.get("attributes", ())),
                     links=tuple(
-                        (_id(link.get("traceId"), 16), _id(link.get("spanId"), 8)) for link in span.get("links", ())
+                        (_id(link.get("traceId"), 16, "link traceId"), _id(link.get("spanId"), 8, "link spanId")) for link in span.get("links", ())
                     ),
                 )
 
@@ -199,5 +208,5 @@ def read_otlp_jsonl(path: str | os.PathLike[str]) -> Iterator[SpanView]:
                 request = json.loads(line)
                 views = list(_views(request))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                raise ValueError(f"{path}:{number}: not an OTLP/JSON ExportTraceServiceRequest: {exc!r}") from exc
+                raise ValueError(f"{path}:{number}: not an OTLP/JSON ExportTraceServiceRequest: {exc}") from exc
             yield from views
