@@ -161,3 +161,41 @@ class TestExportSettings:
     def test_a_batch_larger_than_the_queue_is_refused(self):
         with pytest.raises(ConfigError, match="max_queue_size"):
             ExportSettings(max_queue_size=10, max_export_batch_size=20)
+
+
+def test_shutdown_keeps_to_its_deadline_and_leaves_a_stuck_exporter_alone():
+    """A batcher whose exporter is stuck in an export returns from shutdown at its deadline
+    (False), without calling the exporter's shutdown under the running export; released, a
+    later shutdown finishes the job once."""
+    gate = threading.Event()
+    exporter = Recording(gate)
+    batcher = SpanBatcher(exporter, max_queue_size=100, schedule_delay_s=LONG_DELAY_S, max_export_batch_size=512)
+    batcher.offer(token(1, 1))
+    batcher.request_flush()
+    result: list[bool] = []
+    caller = threading.Thread(target=lambda: result.append(batcher.shutdown(time.monotonic() + 0.2)))
+    caller.start()
+    caller.join(LONG_DELAY_S)
+    assert not caller.is_alive(), "shutdown waited on the stuck exporter"
+    assert result == [False] and exporter.shutdowns == 0
+    gate.set()
+    assert batcher.shutdown(time.monotonic() + LONG_DELAY_S)
+    assert batcher.shutdown() and exporter.shutdowns == 1
+
+
+def test_fanout_flush_and_shutdown_share_one_deadline_across_exporters():
+    """Four stuck exporters: a flush and a shutdown of 1 s each end after about 1 s, not 4 s in
+    turn (the bound is generous; in turn would take 4 s)."""
+    from tracedoffload.tracing.export import ExportFanout
+
+    gate = threading.Event()
+    fanout = ExportFanout([Recording(gate) for _ in range(4)], ExportSettings(schedule_delay_millis=int(LONG_DELAY_S * 1000)))
+    try:
+        fanout.export_token(token(1, 2))
+        started = time.monotonic()
+        assert not fanout.force_flush(1000)
+        assert not fanout.shutdown(1.0)
+        assert time.monotonic() - started < 3.5
+    finally:
+        gate.set()
+    assert fanout.shutdown(LONG_DELAY_S)

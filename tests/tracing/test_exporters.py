@@ -835,3 +835,18 @@ class TestCountingExporter:
         assert results == [SpanExportResult.SUCCESS]
         after = counting.counts()
         assert after == ExportCounts(received=5, exported=5, failed=0) and after.pending == 0
+
+
+class TestPerfettoCap:
+    def test_spans_over_the_cap_count_as_lost(self, tmp_path):
+        """Spans the Perfetto exporter drops at its cap are lost, and the session counts them
+        (it used to answer SUCCESS for the whole batch)."""
+        from tests.tracing.conftest import traced_generation
+        from tracedoffload.tracing.exporters.perfetto import PerfettoExporter
+        from tracedoffload.tracing.sampling import SamplingPolicy
+        from tracedoffload.tracing.session import TracingSession
+
+        session = TracingSession([PerfettoExporter(tmp_path / "trace.json", max_spans=5)], policy=SamplingPolicy.full_detail())
+        traced_generation(session, new_tokens=3).detach()
+        session.shutdown(10)
+        assert session.snapshot()["dropped_spans"] > 0

@@ -52,6 +52,7 @@ class SpanBatcher:
         self._handed = 0  # spans ever handed to the exporter (returned or not)
         self._flush_requested = False
         self._shutdown = False
+        self._exporter_closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -69,11 +70,19 @@ class SpanBatcher:
 
     def force_flush(self, timeout_s: float) -> bool:
         """Export everything queued so far; True when it was handed over within `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
+        return self.wait_flushed(self.request_flush(), time.monotonic() + timeout_s)
+
+    def request_flush(self) -> int:
+        """Start exporting everything queued so far, without waiting; returns what to wait for."""
         with self._condition:
-            target = self._accepted
             self._flush_requested = True
             self._condition.notify()
+            return self._accepted
+
+    def wait_flushed(self, target: int, deadline: float) -> bool:
+        """Wait until `target` (from `request_flush`) spans were handed over, or the deadline (a
+        `time.monotonic()` value) passes; several batchers can share one deadline."""
+        with self._condition:
             while self._handed < target:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._thread.is_alive():
@@ -81,17 +90,29 @@ class SpanBatcher:
                 self._condition.wait(remaining)
         return True
 
-    def shutdown(self) -> None:
-        """Refuse new spans, export what is queued, then shut the exporter down. May wait on a
-        slow exporter: callers bound it. Only the first call does anything (the tracer provider
+    def shutdown(self, deadline: float | None = None) -> bool:
+        """Refuse new spans, export what is queued, then shut the exporter down; True when done.
+
+        Waits at most until `deadline` (a `time.monotonic()` value; None: as long as the exporter
+        takes). An exporter still inside an export at the deadline is left to its daemon thread
+        and not shut down under it. Only the first call does anything (the tracer provider
         calls it again at exit)."""
+        self.request_stop()
+        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            return False
         with self._condition:
-            if self._shutdown:
-                return
+            if self._exporter_closed:
+                return True
+            self._exporter_closed = True
+        self.exporter.shutdown()
+        return True
+
+    def request_stop(self) -> None:
+        """Refuse new spans and start exporting what is queued, without waiting."""
+        with self._condition:
             self._shutdown = True
             self._condition.notify()
-        self._thread.join()
-        self.exporter.shutdown()
 
     def _run(self) -> None:
         attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))  # this thread only ever exports

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Sequence
 
 from opentelemetry.context import Context
@@ -71,12 +72,19 @@ class ExportFanout(SpanProcessor):
             batcher.offer(spans)  # a refusal is counted as never exported
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return all(batcher.force_flush(timeout_millis / 1000) for batcher in self._batchers)
+        """Every exporter flushes at once, within one shared deadline (not the whole timeout each
+        in turn, which a stuck first exporter would spend for the others)."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        targets = [batcher.request_flush() for batcher in self._batchers]
+        return all([batcher.wait_flushed(target, deadline) for batcher, target in zip(self._batchers, targets)])
 
-    def shutdown(self) -> None:
-        """Send what is queued and stop; may wait on a slow exporter (callers bound it)."""
+    def shutdown(self, timeout_s: float | None = None) -> bool:
+        """Send what is queued and stop, every exporter at once, within one deadline (None: as
+        long as the exporters take); True when all finished."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for batcher in self._batchers:
-            batcher.shutdown()
+            batcher.request_stop()
+        return all([batcher.shutdown(deadline) for batcher in self._batchers])
 
     def lost(self) -> int:
         """Spans handed over but not (yet) exported, summed over exporters; exact after shutdown."""

@@ -254,8 +254,9 @@ class TracingSession:
             self._closed = True
             return not self._worker.dropped_spans
         drained = self._worker.stop(timeout_s)
-        # A stuck exporter must not hold the caller past the budget: shut down on a daemon thread.
-        closer = _start_daemon(self._fanout.shutdown)
+        # The fan-out keeps to the deadline itself; on a daemon thread as well, so that an
+        # exporter's own shutdown() that hangs cannot hold the caller past the budget either.
+        closer = _start_daemon(self._fanout.shutdown, max(0.0, deadline - time.monotonic()))
         if closer is not None:
             closer.join(max(0.0, deadline - time.monotonic()))
         self._closed = True
@@ -376,7 +377,7 @@ def _shut_down_quietly(session: TracingSession, deadline: float) -> None:
 
 def _start_daemon(target: Callable[..., None], *args: Any) -> threading.Thread | None:
     """`target(*args)` on a daemon thread, which is returned; where no thread can start (at
-    interpreter exit on Python 3.12.0-3.12.1) it runs here, unbounded, and None is returned."""
+    interpreter exit on Python 3.12.0-3.12.1) it runs here and None is returned."""
     thread = threading.Thread(target=target, args=args, name="tracedoffload-shutdown", daemon=True)
     try:
         thread.start()

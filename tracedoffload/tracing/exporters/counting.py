@@ -38,7 +38,9 @@ class CountingExporter(SpanExporter):
     """Wraps a span exporter: counts spans received, exported and failed; never raises.
 
     An exception from the inner exporter's `export` becomes FAILURE; one from `shutdown` or
-    `force_flush` becomes None or False. Each kind of failure (a FAILURE result, or an exception
+    `force_flush` becomes None or False. An inner exporter that keeps only part of a batch and
+    still answers SUCCESS (the Perfetto exporter at its cap) says so through a `dropped_spans`
+    counter: the spans it dropped in that call are counted as failed, not exported. Each kind of failure (a FAILURE result, or an exception
     type, per method) is logged once, with the counts at that moment; later ones are only counted.
 
     Thread safety: counters are updated under a lock and read as one consistent `ExportCounts`.
@@ -71,6 +73,7 @@ class CountingExporter(SpanExporter):
         count = len(spans)
         with self._lock:
             self._received += count
+        dropped_before = self._inner_dropped()
         try:
             result = self.inner.export(spans)
         except Exception as exc:  # the worker thread must survive whatever the exporter does
@@ -78,6 +81,11 @@ class CountingExporter(SpanExporter):
             self._log_once(f"export:{type(exc).__qualname__}", "export.raised", error=repr(exc), spans=count)
             return SpanExportResult.FAILURE
         ok = result == SpanExportResult.SUCCESS
+        if ok:
+            # Exported on this thread only (the batcher's), so the counter's change is this call's.
+            dropped = min(count, max(0, self._inner_dropped() - dropped_before))
+            self._record(dropped, ok=False)
+            count -= dropped
         self._record(count, ok=ok)
         if not ok:
             self._log_once("export:failure", "export.failed", result=str(result), spans=count)
@@ -98,6 +106,10 @@ class CountingExporter(SpanExporter):
             self.inner.shutdown()
         except Exception as exc:
             self._log_once(f"shutdown:{type(exc).__qualname__}", "shutdown.raised", error=repr(exc))
+
+    def _inner_dropped(self) -> int:
+        dropped = getattr(self.inner, "dropped_spans", 0)
+        return dropped if isinstance(dropped, int) else 0
 
     def _record(self, count: int, *, ok: bool) -> None:
         with self._lock:
