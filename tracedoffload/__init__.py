@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tracedoffload._lazy import lazy_exports
-
-__version__ = "0.1.0"
+from tracedoffload._version import __version__
 
 # Each public name and the module that defines it.
 _EXPORTS = {

@@ -10,8 +10,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
-from tracedoffload.presets import DEFAULT_PRESET, DEFAULT_RESIDENCY, GPU_TIERS, PRESET_REFERENCE_LAYERS, PRESETS, RESIDENCY_POLICIES
+from tracedoffload.presets import DEFAULT_PRESET, DEFAULT_RESIDENCY, GPU_TIERS, MAX_PREFETCH, PRESET_REFERENCE_LAYERS, PRESETS, RESIDENCY_POLICIES
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,7 @@ class OffloadConfig:
             `tracedoffload.presets.GPU_TIERS`. Used when `num_layers_on_gpu` is None;
             defaults to "balanced".
         pin_memory: pin the host copies once at setup (CUDA only; ignored on a CPU device).
-        prefetch: how many offloaded layers are copied ahead of the one computing (0 to 8).
+        prefetch: how many offloaded layers are copied ahead of the one computing (0 to `MAX_PREFETCH`, 8).
         residency: which layers stay resident: "interleaved", "first" or "last".
         device: compute device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N".
         dtype: the floating-point dtype the model's weights are expected in; None accepts any.
@@ -60,8 +61,7 @@ class OffloadConfig:
             raise ConfigError("preset", self.preset, f"one of {sorted(_known_presets())}")
         if not isinstance(self.pin_memory, bool):
             raise ConfigError("pin_memory", self.pin_memory, "True or False")
-        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 8:
-            raise ConfigError("prefetch", self.prefetch, "an integer from 0 to 8")
+        check_int("prefetch", self.prefetch, 0, MAX_PREFETCH)
         if self.residency not in RESIDENCY_POLICIES:
             raise ConfigError("residency", self.residency, f"one of {list(RESIDENCY_POLICIES)}")
         if self.dtype is not None and not _is_float_dtype(self.dtype):

@@ -40,6 +40,7 @@ from tracedoffload.presets import (
     DEFAULT_KV_TOKENS,
     DEFAULT_TARGET_UTILIZATION,
     GPU_TIERS,
+    MAX_PREFETCH,
     PRESETS,
     GiB,
 )
@@ -185,7 +186,7 @@ def estimate_vram(
     Raises:
         ConfigError: `gpu_layers`, `prefetch`, `residency` or `kv_tokens` out of range.
     """
-    check_int("prefetch", prefetch, 0, 8)
+    check_int("prefetch", prefetch, 0, MAX_PREFETCH)
     check_int("kv_tokens", kv_tokens, 0)
     resident = set(resident_layer_indices(residency, plan.num_layers, check_int("gpu_layers", gpu_layers, 0, plan.num_layers)))
     offloaded = [size for i, size in enumerate(plan.layer_bytes) if i not in resident]

@@ -20,6 +20,8 @@ RESIDENCY_POLICIES = ("interleaved", "first", "last")
 # (vLLM's prefetch offloader does the same); "first"/"last" leave a run of offloaded layers
 # whose copies can only hide behind each other.
 DEFAULT_RESIDENCY = "interleaved"
+# Offloaded layers copied ahead of the one computing; the device slot pool holds prefetch + 1.
+MAX_PREFETCH = 8
 
 GiB = 1 << 30
 # Device memory of common GPU tiers (bytes); a tier preset keeps as many layers as fit in it.

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
+from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.models import RANDOM_MODEL
 from tracedoffload.models.gguf_file import is_gguf_path
@@ -16,6 +17,7 @@ from tracedoffload.presets import (
     DEFAULT_KV_TOKENS,
     DEFAULT_TARGET_UTILIZATION,
     GPU_TIERS,
+    MAX_PREFETCH,
     RESIDENCY_POLICIES,
     GiB,
 )
@@ -37,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compute-ms", type=float, help="measured per-token compute with every layer resident, in ms (default: estimated from --device-memory-gbps)")
     parser.add_argument("--device-memory-gbps", type=float, default=DEFAULT_DEVICE_MEMORY_GBPS, help="device memory bandwidth for the compute estimate (default %(default)s: RTX 4070 spec)")
     parser.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS, help="tokens the KV cache must hold, across the batch (default %(default)s)")
-    parser.add_argument("--prefetch", type=int, default=1, help="offloaded layers copied ahead (0 to 8); the device pool holds prefetch + 1 layers (default 1)")
+    parser.add_argument("--prefetch", type=int, default=1, help=f"offloaded layers copied ahead (0 to {MAX_PREFETCH}); the device pool holds prefetch + 1 layers (default 1)")
     parser.add_argument("--residency", default="interleaved", help=f"which layers stay resident: {', '.join(RESIDENCY_POLICIES)} (default interleaved)")
     parser.add_argument("--every-k", action="store_true", help="a row for every number of resident layers, not only the presets")
     parser.add_argument("--tier", help=f"also show the config a GPU tier preset gives: {', '.join(GPU_TIERS)}")
@@ -90,8 +92,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise ConfigError(flag, value, "a finite number > 0")
     if args.kv_tokens < 0:
         raise ConfigError("--kv-tokens", args.kv_tokens, "an integer >= 0")
-    if not 0 <= args.prefetch <= 8:
-        raise ConfigError("--prefetch", args.prefetch, "an integer from 0 to 8")
+    check_int("--prefetch", args.prefetch, 0, MAX_PREFETCH)
     if args.residency not in RESIDENCY_POLICIES:
         raise ConfigError("--residency", args.residency, f"one of {', '.join(RESIDENCY_POLICIES)}")
     if args.tier is not None and args.tier not in GPU_TIERS:

@@ -19,7 +19,7 @@ from typing import Any
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.cli import EXIT_INTERRUPTED, telemetry_flags
 from tracedoffload.cli.progress import end_progress_line
-from tracedoffload.presets import GPU_TIERS, PRESETS
+from tracedoffload.presets import GPU_TIERS, MAX_PREFETCH, PRESETS
 
 # torch, transformers and the OpenTelemetry SDK are imported inside `run`, not here: --help and
 # a bad flag answer before they would have finished importing (seconds).
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     layers.add_argument("--no-offload", action="store_true", help="keep every layer resident (no offloader) for comparison")
     # None means "not given": a GPU tier's own settings are only overridden by flags the user passed.
     parser.add_argument("--residency", help="which layers stay resident: interleaved, first or last")
-    parser.add_argument("--prefetch", type=int, help="offloaded layers copied ahead of need (0 to 8, default 1)")
+    parser.add_argument("--prefetch", type=int, help=f"offloaded layers copied ahead of need (0 to {MAX_PREFETCH}, default 1)")
     parser.add_argument("--no-pin-memory", dest="pin_memory", action="store_false", default=None, help="do not pin the host copies (CUDA)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="weights dtype (default: float32 for a GGUF and the random model, as saved for a directory)")

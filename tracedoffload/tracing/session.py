@@ -30,6 +30,7 @@ from opentelemetry.trace import Span
 
 from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
+from tracedoffload._version import __version__
 from tracedoffload.logs import get_logger
 from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import Timeline
@@ -100,8 +101,6 @@ class TracingSession:
         if isinstance(batch_interval_s, bool) or not isinstance(batch_interval_s, (int, float)) or not 0 <= batch_interval_s <= 10:
             raise ConfigError("batch_interval_s", batch_interval_s, "seconds between 0 and 10")
         self.monitor: Any = None  # a MemoryMonitor, set by `monitor_memory`
-        from tracedoffload import __version__
-
         self.policy = policy or SamplingPolicy()
         self.per_token_traces = per_token_traces
         self.stats = OffloadStats()
