@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from tracedoffload import ConfigError, OffloadConfig, offload
 from tracedoffload import metric_names as mn
 from tracedoffload.metrics import OffloadMetrics, check_port_free, serve_metrics
-from tracedoffload.monitor import MemoryMonitor
+from tracedoffload.memory.monitor import MemoryMonitor
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 from tests.tracing.conftest import tiny_model

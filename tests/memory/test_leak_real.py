@@ -12,7 +12,7 @@ import torch
 
 from tracedoffload import OffloadConfig, offload
 from tracedoffload.models.random_model import build_random_model
-from tracedoffload.monitor import MemoryMonitor
+from tracedoffload.memory.monitor import MemoryMonitor
 from tracedoffload.planner import kv_bytes_per_token
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession

@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.tracing.batching import SpanBatcher
-from tracedoffload.tracing.export import ExportSettings
+from tracedoffload.tracing.fanout import ExportSettings
 from tracedoffload.tracing.exporters.counting import CountingExporter
 
 LONG_DELAY_S = 30.0  # never reached by a passing test: exports must come from size, flush or shutdown
@@ -186,7 +186,7 @@ def test_shutdown_keeps_to_its_deadline_and_leaves_a_stuck_exporter_alone():
 def test_fanout_flush_and_shutdown_share_one_deadline_across_exporters():
     """Four stuck exporters: a flush and a shutdown of 1 s each end after about 1 s, not 4 s in
     turn (the bound is generous; in turn would take 4 s)."""
-    from tracedoffload.tracing.export import ExportFanout
+    from tracedoffload.tracing.fanout import ExportFanout
 
     gate = threading.Event()
     fanout = ExportFanout([Recording(gate) for _ in range(4)], ExportSettings(schedule_delay_millis=int(LONG_DELAY_S * 1000)))

@@ -23,7 +23,7 @@ from tracedoffload.cli.progress import ProgressBar, end_progress_line
 from tracedoffload.faults import LeakInjector, inject_leak
 from tracedoffload.logs import get_logger
 from tracedoffload.metrics import OffloadMetrics, serve_metrics
-from tracedoffload.monitor import MemoryMonitor
+from tracedoffload.memory.monitor import MemoryMonitor
 from tracedoffload.offloader import Offloader
 from tracedoffload.tracing import names
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter

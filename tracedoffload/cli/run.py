@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     config = None if args.no_offload else _config_from_flags(args)
     import torch
 
-    from tracedoffload._summary import format_summary, placement_figures, run_summary
+    from tracedoffload.cli.summary import format_summary, placement_figures, run_summary
     from tracedoffload.generation import FINISH_INTERRUPTED, encode_prompt, generate_once
     from tracedoffload.layers import find_decoder_layers
     from tracedoffload.models import load_model

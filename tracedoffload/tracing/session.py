@@ -36,7 +36,7 @@ from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import Timeline
 from tracedoffload.tracing import names
 from tracedoffload.tracing.clock import HostClock, clock_for
-from tracedoffload.tracing.export import ExportFanout, ExportSettings
+from tracedoffload.tracing.fanout import ExportFanout, ExportSettings
 from tracedoffload.tracing.recorder import GenerationInfo, StepPayload, TracingTimeline
 from tracedoffload.tracing.sampling import SamplingPolicy, TailSampler
 from tracedoffload.tracing.stats import OffloadStats, StatsSpanProcessor
@@ -164,7 +164,7 @@ class TracingSession:
             _ACTIVE_RECORDERS.remove(self._recorder)
 
     def monitor_memory(self, monitor: Any) -> None:
-        """Add a `tracedoffload.monitor.MemoryMonitor` (before `attach`): memory on every token span,
+        """Add a `tracedoffload.memory.monitor.MemoryMonitor` (before `attach`): memory on every token span,
         leak detection and alerts."""
         if self._recorder is not None:
             raise RuntimeError("monitor_memory() must be called before attach()")
