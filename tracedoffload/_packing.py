@@ -6,6 +6,7 @@ the device side uses the same offsets, so a device slot can hold any layer.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import torch
@@ -93,3 +94,21 @@ def _span_elements(tensor: torch.Tensor) -> int:
     if tensor.numel() == 0:
         return 0
     return 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+
+
+def tensors_shared_outside(model: nn.Module, layers: dict[int, nn.Module]) -> dict[int, set[int]]:
+    """For each layer index: ids of that layer's tensors also owned by a module outside the layer.
+
+    Such a tensor (a tied embedding, say) is not packed: it stays resident, so its other owner
+    never sees a released tensor. The offloader and the planner apply the same rule."""
+    owners: dict[int, set[int]] = collections.defaultdict(set)
+    for module in model.modules():
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is not None:
+                owners[id(tensor)].add(id(module))
+    shared = {}
+    for index, layer in layers.items():
+        inside = {id(m) for m in layer.modules()}
+        own = {id(t) for t in [*layer.parameters(), *layer.buffers()]}
+        shared[index] = {tid for tid in own if owners[tid] - inside}
+    return shared

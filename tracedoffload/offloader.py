@@ -7,7 +7,6 @@ forward by pointing its tensors back at the host buffer: nothing is ever copied 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from tracedoffload._exceptions import DeviceUnavailableError, HookConflictError, TracedOffloadError
-from tracedoffload._packing import LayerLayout, layer_tensors, pack_into, plan_layout
+from tracedoffload._packing import LayerLayout, layer_tensors, pack_into, plan_layout, tensors_shared_outside
 from tracedoffload._streams import CpuStreams, CudaStreams, SlotFences, streams_for
 from tracedoffload.config import ConfigError, OffloadConfig, parse_device, resident_layer_indices
 from tracedoffload.layers import check_layer_list, find_decoder_layers
@@ -227,7 +226,7 @@ class Offloader:
     # -- setup and teardown ---------------------------------------------------------------------
 
     def _setup(self) -> None:
-        shared = _tensors_shared_outside(self.model, {i: self.layers[i] for i in self.offloaded_indices})
+        shared = tensors_shared_outside(self.model, {i: self.layers[i] for i in self.offloaded_indices})
         layouts = {i: plan_layout(layer_tensors(self.layers[i], shared[i])) for i in self.offloaded_indices}
         slot_bytes = max((lay.nbytes for lay in layouts.values()), default=0)
         # prefetch + 1 slots (the computing layer and those copied ahead), never more than there are
@@ -453,18 +452,3 @@ def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
             seen.add(id(tensor))
             out.append(tensor)
     return out
-
-
-def _tensors_shared_outside(model: nn.Module, layers: dict[int, nn.Module]) -> dict[int, set[int]]:
-    """For each layer index: ids of that layer's tensors also owned by a module outside the layer."""
-    owners: dict[int, set[int]] = collections.defaultdict(set)
-    for module in model.modules():
-        for tensor in [*module._parameters.values(), *module._buffers.values()]:
-            if tensor is not None:
-                owners[id(tensor)].add(id(module))
-    shared = {}
-    for index, layer in layers.items():
-        inside = {id(m) for m in layer.modules()}
-        own = {id(t) for t in [*layer.parameters(), *layer.buffers()]}
-        shared[index] = {tid for tid in own if owners[tid] - inside}
-    return shared

@@ -31,7 +31,7 @@ from torch import nn
 
 from tracedoffload._checks import check_int, check_positive
 from tracedoffload._exceptions import ConfigError, DeviceUnavailableError
-from tracedoffload._packing import layer_tensors, plan_layout
+from tracedoffload._packing import layer_tensors, plan_layout, tensors_shared_outside
 from tracedoffload.config import OffloadConfig, parse_device, resident_layer_indices, scale_preset
 from tracedoffload.layers import find_decoder_layers
 from tracedoffload.presets import (
@@ -75,10 +75,8 @@ class ModelPlan:
     def from_model(cls, model: nn.Module) -> ModelPlan:
         """Plan a built model, with real weights or on the meta device (nothing is copied)."""
         # The offloader's own rule for tensors shared outside a layer: they stay resident.
-        from tracedoffload.offloader import _tensors_shared_outside
-
         layers = find_decoder_layers(model)[1]
-        shared = _tensors_shared_outside(model, dict(enumerate(layers)))
+        shared = tensors_shared_outside(model, dict(enumerate(layers)))
         layouts = [plan_layout(layer_tensors(layer, shared[i])) for i, layer in enumerate(layers)]
         moved = {id(item.tensor) for layout in layouts for item in layout.tensors}
         unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
