@@ -13,6 +13,7 @@ Processors are plain callables, each doing one thing.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
@@ -26,15 +27,29 @@ LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+# The token being computed in this context: (trace_id, span_id), set by the tracing core when a
+# step begins. A context variable, not a thread-id registry: a thread starts with a context of its
+# own, so an exporter's or the telemetry thread's events carry no token, and code that runs the
+# model in a copied context (an asyncio task, a server's engine) carries its own.
+_CURRENT_TOKEN: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("tracedoffload_current_token", default=None)
+
+
+def bind_token(trace_id: int, span_id: int) -> None:
+    """Mark (trace_id, span_id) as the token being computed in this context."""
+    _CURRENT_TOKEN.set((trace_id, span_id))
+
+
+def unbind_token() -> None:
+    _CURRENT_TOKEN.set(None)
+
+
 def add_token_trace_ids(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     """Add `trace_id` (32 hex) and `span_id` (16 hex) of the token being computed, when there is one.
 
     Events emitted on the telemetry thread name their token explicitly and keep their own ids.
     """
     if "trace_id" not in event:
-        from tracedoffload.tracing.session import current_token_ids
-
-        ids = current_token_ids()
+        ids = _CURRENT_TOKEN.get()
         if ids is not None:
             event["trace_id"] = f"{ids[0]:032x}"
             event["span_id"] = f"{ids[1]:016x}"

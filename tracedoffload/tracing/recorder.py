@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanContext
 
+from tracedoffload.logs import bind_token, unbind_token
 from tracedoffload.timeline import LayerRecord, Timeline
 
 # How often the clock is re-anchored to wall time, between two steps. CUDA event times are single
@@ -51,7 +51,6 @@ class TokenContext(NamedTuple):
     trace_id: int
     span_id: int
     token_index: int
-    thread_id: int  # the model's thread: only events logged there belong to the token
 
 
 class TracingTimeline(Timeline):
@@ -75,7 +74,7 @@ class TracingTimeline(Timeline):
         self._anchored_at = time.monotonic()
         self.offload_attributes = dict(offload_attributes)
         self.generation: GenerationInfo | None = None
-        self.current: TokenContext | None = None  # the token being computed, for log correlation
+        self.current: TokenContext | None = None  # the token being computed
         self._token_index = 0
         self._records: list[LayerRecord] = []
         self._start: Any = None
@@ -88,14 +87,20 @@ class TracingTimeline(Timeline):
 
     def end_generation(self) -> None:
         self.generation = None
+        self.clear_current()
+
+    def clear_current(self) -> None:
+        """No token is being computed (the generation ended, or tracing was detached)."""
         self.current = None
+        unbind_token()
 
     def step_begin(self, marker: Any) -> None:
         self._start = marker
         self._records = []
         generation = self.generation
         trace_id = generation.span_context.trace_id if generation and not generation.per_token_traces and generation.span_context else random.getrandbits(128)
-        self.current = TokenContext(trace_id, random.getrandbits(64), self._token_index, threading.get_ident())
+        self.current = TokenContext(trace_id, random.getrandbits(64), self._token_index)
+        bind_token(self.current.trace_id, self.current.span_id)  # log lines of this context carry it
 
     def layer(self, record: LayerRecord) -> None:
         self._records.append(record)

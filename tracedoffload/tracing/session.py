@@ -153,15 +153,14 @@ class TracingSession:
         self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes, quiet_point, reanchor=self._clock.anchor)
         self._offloader = offloader
         offloader.timeline = self._recorder
-        _ACTIVE_RECORDERS.append(self._recorder)
 
     def detach(self) -> None:
         """Stop tracing the attached offloader (its timeline goes back to the no-op one)."""
         if self._offloader is not None:
             self._offloader.timeline = Timeline()
             self._offloader = None
-        if self._recorder in _ACTIVE_RECORDERS:
-            _ACTIVE_RECORDERS.remove(self._recorder)
+        if self._recorder is not None:
+            self._recorder.clear_current()
 
     def monitor_memory(self, monitor: Any) -> None:
         """Add a `tracedoffload.memory.monitor.MemoryMonitor` (before `attach`): memory on every token span,
@@ -388,18 +387,3 @@ def _start_daemon(target: Callable[..., None], *args: Any) -> threading.Thread |
 
 os.register_at_fork(after_in_child=_orphan_sessions_in_child)
 atexit.register(_shut_sessions_down_at_exit)
-
-
-# Recorders of live sessions, newest last: the log processor reads the current token from them.
-_ACTIVE_RECORDERS: list[TracingTimeline] = []
-
-
-def current_token_ids() -> tuple[int, int] | None:
-    """(trace_id, span_id) of the token being computed on this thread by the newest attached
-    session, if any (an exporter's or the telemetry thread's events belong to no token)."""
-    thread = threading.get_ident()
-    for recorder in reversed(_ACTIVE_RECORDERS):
-        current = recorder.current
-        if current is not None and current.thread_id == thread:
-            return current.trace_id, current.span_id
-    return None
