@@ -53,12 +53,43 @@ def served_run():
     server.server_close()
 
 
+def samples(text: str) -> dict[str, list]:
+    """The exposition parsed: each sample name and its samples (labels, value)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    found: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append(sample)
+    return found
+
+
+def value(found: dict[str, list], name: str, **labels: str) -> float:
+    matching = [s.value for s in found.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
+    assert matching, f"{name} {labels} was never recorded"
+    return sum(matching)
+
+
 class TestExposition:
-    def test_cpu_series_use_the_documented_names(self, served_run):
-        """Every metric a CPU run records is exposed under its metric_names Prometheus name."""
-        text, _ = served_run
-        for name in (mn.TOKEN_LATENCY, mn.TIME_PER_OUTPUT_TOKEN, mn.LAYER_TRANSFER, mn.LAYER_COMPUTE, mn.BYTES_COPIED, mn.TOKENS, mn.PROCESS_RSS, mn.PINNED_HOST, mn.QUIET_POINT, mn.LEAK_SUSPECTED, mn.KV_EXPECTED):
-            assert name.prometheus in text, name.prometheus
+    def test_cpu_series_are_recorded_with_the_run_s_values(self, served_run):
+        """Every metric a CPU run records holds that run's values under its metric_names name, not
+        only a registered name: 5 tokens counted and observed, bytes copied, memory read."""
+        text, session = served_run
+        found = samples(text)
+        stats = session.snapshot()
+        assert value(found, mn.TOKENS.prometheus) == 5
+        assert value(found, mn.TOKEN_LATENCY.prometheus + "_count") == 5
+        assert value(found, mn.TIME_PER_OUTPUT_TOKEN.prometheus + "_count") == 5
+        assert value(found, mn.BYTES_COPIED.prometheus) == stats["bytes_transferred"] > 0
+        # One copy per offloaded layer per token, and on the first token an on-demand load while
+        # the execution order is learned.
+        assert 5 * stats["cpu_layers"] <= value(found, mn.LAYER_TRANSFER.prometheus + "_count") <= 6 * stats["cpu_layers"]
+        assert value(found, mn.LAYER_COMPUTE.prometheus + "_count") == 5 * (stats["cpu_layers"] + stats["gpu_layers"])
+        assert value(found, mn.PROCESS_RSS.prometheus) > 0
+        assert value(found, mn.PINNED_HOST.prometheus) == 0  # no pinning on a CPU device
+        assert value(found, mn.QUIET_POINT.prometheus, source="host") > 0
+        assert value(found, mn.LEAK_SUSPECTED.prometheus, source="host") == 0
+        assert value(found, mn.KV_EXPECTED.prometheus) == 1024
 
     def test_latency_buckets_carry_trace_id_exemplars(self, served_run):
         """Token latency buckets carry exemplars whose trace_id is one of the run's token traces."""
@@ -117,3 +148,36 @@ class TestOpenTelemetryInstruments:
         point = found[mn.TOKEN_LATENCY.otel].data.data_points[0]
         assert point.sum == 0.02
         assert any(e.trace_id == trace_id for e in point.exemplars)
+
+
+class TestRunCommandMetrics:
+    def test_a_run_records_its_generation_duration(self):
+        """`run --metrics-port` records the generation's duration (gen_ai.server.request.duration),
+        documented and once never recorded, next to its tokens."""
+        import subprocess
+        import sys
+        import time
+
+        from tests.servers import free_port
+
+        port = free_port()
+        command = [sys.executable, "-m", "tracedoffload", "run", "--model", "random", "--max-new-tokens", "4", "--no-trace-file",
+                   "--no-progress", "--metrics-port", str(port), "--metrics-linger", "60"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while True:
+                assert process.poll() is None and time.monotonic() < deadline, "the run ended before its duration was served"
+                try:
+                    found = samples(scrape(port))
+                except OSError:
+                    found = {}
+                if found.get(mn.REQUEST_DURATION.prometheus + "_count"):
+                    break
+                time.sleep(0.2)
+            assert value(found, mn.REQUEST_DURATION.prometheus + "_count") == 1
+            assert value(found, mn.REQUEST_DURATION.prometheus + "_sum") > 0
+            assert value(found, mn.TOKENS.prometheus) == 4
+        finally:
+            process.kill()
+            process.wait(30)

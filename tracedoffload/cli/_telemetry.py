@@ -56,6 +56,11 @@ class RunTelemetry:
     exports_spans: bool = False  # whether any exporter (file, OTLP, console, Perfetto) takes spans
     restore_sdk_logs: Callable[[], None] | None = None
 
+    def generation_done(self, seconds: float) -> None:
+        """Record one generation's duration (gen_ai.server.request.duration)."""
+        if self.metrics is not None:
+            self.metrics.generation(seconds)
+
     def finish_statistics(self, timeout_s: float = 30.0) -> None:
         """Aggregate every finished token (local work, no network) and keep the statistics: the
         summary is printed from them before anything waits on a collector."""

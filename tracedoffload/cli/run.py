@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
         generation = generate_once(model, tokenizer, args.prompt, args.max_new_tokens, telemetry.session, name, **prompting)
+        telemetry.generation_done(generation.seconds)
         telemetry.finish_statistics()
     except BaseException:
         telemetry.flush_exports(args.export_budget)  # what was traced before the failure is still sent
