@@ -21,6 +21,7 @@ EXPECTED = [
     "SamplingPolicy",
     "Timeline",
     "TracedOffloadError",
+    "TracingStateError",
     "TracingSession",
     "auto_config",
     "config_for_tier",

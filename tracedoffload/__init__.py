@@ -29,6 +29,7 @@ _EXPORTS = {
     "SamplingPolicy": "tracedoffload.tracing.sampling",
     "Timeline": "tracedoffload.timeline",
     "TracedOffloadError": "tracedoffload._exceptions",
+    "TracingStateError": "tracedoffload._exceptions",
     "TracingSession": "tracedoffload.tracing.session",
     "auto_config": "tracedoffload.planner",
     "config_for_tier": "tracedoffload.planner",
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs read
         LayerDiscoveryError,
         ModelLoadError,
         TracedOffloadError,
+        TracingStateError,
     )
     from tracedoffload.config import OffloadConfig
     from tracedoffload.layers import find_decoder_layers

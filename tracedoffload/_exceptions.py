@@ -5,6 +5,7 @@
     ├── LayerDiscoveryError               no decoder layer list could be found
     ├── DeviceUnavailableError            the compute device asked for is not there
     ├── ModelLoadError                    a model cannot be found, read or converted
+    ├── TracingStateError (a RuntimeError) a tracing session used out of order
     └── HookConflictError                 the model already carries an offload hook
 
 Every error is raised before the model is touched, so catching one leaves the model
@@ -38,6 +39,11 @@ class DeviceUnavailableError(TracedOffloadError):
 
 class ModelLoadError(TracedOffloadError):
     """A model cannot be found, read or converted; the message names the path and what to do."""
+
+
+class TracingStateError(TracedOffloadError, RuntimeError):
+    """A tracing session was used out of order: after shutdown, on a detached or already traced
+    offloader, in a forked child, or configured after attach; the message says what to do."""
 
 
 class HookConflictError(TracedOffloadError):

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tracedoffload._checks import check_int
+from tracedoffload._checks import check_choice, check_int
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.presets import DEFAULT_PRESET, DEFAULT_RESIDENCY, GPU_TIERS, MAX_PREFETCH, PRESET_REFERENCE_LAYERS, PRESETS, RESIDENCY_POLICIES
 
@@ -51,10 +51,7 @@ class OffloadConfig:
 
     def __post_init__(self) -> None:
         if self.num_layers_on_gpu is not None:
-            if isinstance(self.num_layers_on_gpu, bool) or not isinstance(self.num_layers_on_gpu, int):
-                raise ConfigError("num_layers_on_gpu", self.num_layers_on_gpu, "an integer >= 0, or None to use a preset")
-            if self.num_layers_on_gpu < 0:
-                raise ConfigError("num_layers_on_gpu", self.num_layers_on_gpu, "an integer >= 0")
+            check_int("num_layers_on_gpu", self.num_layers_on_gpu, 0, meaning="or None to use a preset")
             if self.preset is not None:
                 raise ConfigError("preset", self.preset, "None when num_layers_on_gpu is given (choose one of the two)")
         if self.preset is not None and self.preset not in _known_presets():
@@ -62,8 +59,7 @@ class OffloadConfig:
         if not isinstance(self.pin_memory, bool):
             raise ConfigError("pin_memory", self.pin_memory, "True or False")
         check_int("prefetch", self.prefetch, 0, MAX_PREFETCH)
-        if self.residency not in RESIDENCY_POLICIES:
-            raise ConfigError("residency", self.residency, f"one of {list(RESIDENCY_POLICIES)}")
+        check_choice("residency", self.residency, RESIDENCY_POLICIES)
         if self.dtype is not None and not _is_float_dtype(self.dtype):
             raise ConfigError("dtype", self.dtype, "a floating-point torch.dtype such as torch.float16, or None")
         parse_device(self.device)

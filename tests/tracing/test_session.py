@@ -14,7 +14,7 @@ import structlog
 import torch
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from tracedoffload import ConfigError, OffloadConfig, offload
+from tracedoffload import ConfigError, OffloadConfig, TracingStateError, offload
 from tracedoffload.logs import configure_logging
 from tracedoffload.tracing import names
 from tracedoffload.tracing.sampling import SamplingPolicy
@@ -377,7 +377,7 @@ class TestMisuse:
         offloader = offload(tiny_model(), OffloadConfig(num_layers_on_gpu=3))
         try:
             first.attach(offloader)
-            with pytest.raises(RuntimeError, match="already traced by another TracingSession"):
+            with pytest.raises(TracingStateError, match="already traced by another TracingSession"):
                 second.attach(offloader)
             first.attach(offloader)  # the same session again is fine
         finally:
@@ -390,7 +390,7 @@ class TestMisuse:
         session = TracingSession([])
         offloader = offload(tiny_model(), OffloadConfig(num_layers_on_gpu=3))
         offloader.detach()
-        with pytest.raises(RuntimeError, match="the offloader is detached"):
+        with pytest.raises(TracingStateError, match="the offloader is detached"):
             session.attach(offloader)
         session.shutdown(5)
 
@@ -398,12 +398,12 @@ class TestMisuse:
         """A shut-down session records nothing: opening a generation on it raises, as does attach."""
         session = TracingSession([])
         session.shutdown(5)
-        with pytest.raises(RuntimeError, match="shut down"):
+        with pytest.raises(TracingStateError, match="shut down"):
             with session.generation("m", 3):
                 pass
         offloader = offload(tiny_model(), OffloadConfig(num_layers_on_gpu=3))
         try:
-            with pytest.raises(RuntimeError, match="shut down"):
+            with pytest.raises(TracingStateError, match="shut down"):
                 session.attach(offloader)
         finally:
             offloader.detach()

@@ -26,6 +26,7 @@ import collections
 import dataclasses
 from collections.abc import Callable
 
+from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
 
 MiB = 1 << 20
@@ -44,13 +45,10 @@ class LeakPolicy:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(field.name, value, "an integer >= 0")
+            check_int(field.name, getattr(self, field.name), 0)
         if self.segments < 2 or self.window_tokens < 2 * self.segments:
             raise ConfigError("window_tokens", self.window_tokens, f"at least 2 x segments ({2 * self.segments}), with segments >= 2")
-        if self.generations_window < 3:
-            raise ConfigError("generations_window", self.generations_window, "an integer >= 3")
+        check_int("generations_window", self.generations_window, 3)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,7 @@ import bisect
 import collections
 import dataclasses
 
-from tracedoffload._checks import check_positive
-from tracedoffload._exceptions import ConfigError
+from tracedoffload._checks import check_choice, check_int, check_positive
 
 LEVELS = ("off", "generation", "token", "layer")
 
@@ -41,18 +40,14 @@ class SamplingPolicy:
     window: int = 256
 
     def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ConfigError("trace_level", self.level, f"one of {list(LEVELS)}")
-        if isinstance(self.first_tokens, bool) or not isinstance(self.first_tokens, int) or self.first_tokens < 0:
-            raise ConfigError("first_tokens", self.first_tokens, "an integer >= 0")
+        check_choice("trace_level", self.level, LEVELS)
+        check_int("first_tokens", self.first_tokens, 0)
         if self.slow_token_ms is not None:
             check_positive("slow_token_ms", self.slow_token_ms, "a number of milliseconds > 0, or None")
         if self.relative_to_p95 is not None:
             check_positive("relative_to_p95", self.relative_to_p95, "a factor > 0 (e.g. 1.5), or None")
-        if isinstance(self.every_n, bool) or not isinstance(self.every_n, int) or self.every_n < 1:
-            raise ConfigError("every_n", self.every_n, "an integer >= 1 (1 exports every token's layers)")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 8:
-            raise ConfigError("window", self.window, "an integer >= 8")
+        check_int("every_n", self.every_n, 1, meaning="1 exports every token's layers")
+        check_int("window", self.window, 8)
 
     @classmethod
     def full_detail(cls) -> SamplingPolicy:

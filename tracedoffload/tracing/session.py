@@ -28,8 +28,8 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Span
 
-from tracedoffload._checks import check_int
-from tracedoffload._exceptions import ConfigError
+from tracedoffload._checks import check_int, check_number
+from tracedoffload._exceptions import ConfigError, TracingStateError
 from tracedoffload._version import __version__
 from tracedoffload.logs import get_logger
 from tracedoffload.offloader import Offloader
@@ -98,8 +98,7 @@ class TracingSession:
         if isinstance(exporters, (str, bytes)) or not isinstance(exporters, Sequence) or not all(isinstance(e, SpanExporter) for e in exporters):
             raise ConfigError("exporters", exporters, "a list of OpenTelemetry SpanExporter objects (may be empty)")
         check_int("max_queued_steps", max_queued_steps, 1)
-        if isinstance(batch_interval_s, bool) or not isinstance(batch_interval_s, (int, float)) or not 0 <= batch_interval_s <= 10:
-            raise ConfigError("batch_interval_s", batch_interval_s, "seconds between 0 and 10")
+        check_number("batch_interval_s", batch_interval_s, 0, 10, "seconds between 0 and 10")
         self.monitor: Any = None  # a MemoryMonitor, set by `monitor_memory`
         self.policy = policy or SamplingPolicy()
         self.per_token_traces = per_token_traces
@@ -132,16 +131,16 @@ class TracingSession:
     def attach(self, offloader: Offloader) -> None:
         """Start tracing `offloader`'s model (replaces its timeline)."""
         if self._orphaned:
-            raise RuntimeError(
+            raise TracingStateError(
                 f"this TracingSession was created in process {self._pid} and its threads did not survive the fork "
                 f"into process {os.getpid()}: create a TracingSession in this process (after the fork)"
             )
         if self._closed:
-            raise RuntimeError("this TracingSession is shut down: create a new one to trace again")
+            raise TracingStateError("this TracingSession is shut down: create a new one to trace again")
         if not getattr(offloader, "attached", False):
-            raise RuntimeError("the offloader is detached: attach tracing to a running Offloader (from offload())")
+            raise TracingStateError("the offloader is detached: attach tracing to a running Offloader (from offload())")
         if isinstance(offloader.timeline, TracingTimeline) and offloader.timeline is not self._recorder:
-            raise RuntimeError("the offloader is already traced by another TracingSession: detach or shut that one down first")
+            raise TracingStateError("the offloader is already traced by another TracingSession: detach or shut that one down first")
         if self.policy.level == "off":
             return
         streams = offloader.streams
@@ -166,7 +165,7 @@ class TracingSession:
         """Add a `tracedoffload.memory.monitor.MemoryMonitor` (before `attach`): memory on every token span,
         leak detection and alerts."""
         if self._recorder is not None:
-            raise RuntimeError("monitor_memory() must be called before attach()")
+            raise TracingStateError("monitor_memory() must be called before attach()")
         self.monitor = monitor
 
     def add_token_listener(self, listener: TokenListener) -> None:
@@ -177,7 +176,7 @@ class TracingSession:
     def generation(self, model_name: str, input_tokens: int, max_new_tokens: int | None = None) -> Iterator[GenerationHandle]:
         """Trace one generation: a `text_completion {model}` span that every token links to."""
         if self._closed:
-            raise RuntimeError("this TracingSession is shut down: a generation opened now would record nothing")
+            raise TracingStateError("this TracingSession is shut down: a generation opened now would record nothing")
         generation_id = secrets.token_hex(8)
         span = None
         if self._orphaned and not self._fork_warned:

@@ -20,7 +20,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from tracedoffload._exceptions import ConfigError
+from tracedoffload._checks import check_int
 from tracedoffload.logs import get_logger
 from tracedoffload.tracing.names import (
     GEN_AI_OPERATION,
@@ -117,8 +117,7 @@ class PerfettoExporter(SpanExporter):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, max_spans: int = 1_000_000) -> None:
-        if isinstance(max_spans, bool) or not isinstance(max_spans, int) or max_spans < 1:
-            raise ConfigError("max_spans", max_spans, "a positive integer (spans kept in memory until written)")
+        check_int("max_spans", max_spans, 1, meaning="spans kept in memory until written")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_spans = max_spans
