@@ -407,3 +407,42 @@ class TestMisuse:
                 session.attach(offloader)
         finally:
             offloader.detach()
+
+
+class TestConcurrentGenerations:
+    def test_generations_open_in_two_threads_each_get_their_own_steps(self, memory_exporter):
+        """Two generations open at once in two threads, their forwards strictly alternating on
+        one model: every step is attributed to the generation of the thread that ran it, each
+        numbered from 0 (once, the step after a switch carried the other's id, and steps after the
+        first generation ended belonged to none)."""
+        session = TracingSession([memory_exporter], policy=SamplingPolicy(level="token"))
+        model = tiny_model()
+        offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
+        session.attach(offloader)
+        turn = threading.Condition()
+        state = {"next": 0, "ids": {}}
+        steps = {0: 6, 1: 4}
+
+        def generate(me: int) -> None:
+            with torch.inference_mode(), session.generation("tiny", 5) as handle:
+                state["ids"][me] = handle.generation_id
+                for step in range(steps[me]):
+                    with turn:
+                        # Alternate while both run; the longer one goes on alone after.
+                        assert turn.wait_for(lambda: state["next"] == me or step >= steps[1 - me], timeout=60)
+                        model(torch.arange(5).unsqueeze(0))
+                        state["next"] = 1 - me
+                        turn.notify_all()
+
+        threads = [threading.Thread(target=generate, args=(me,)) for me in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        session.shutdown(10)
+        offloader.detach()
+        tokens = [s for s in memory_exporter.get_finished_spans() if s.name == names.SPAN_TOKEN]
+        for me, count in steps.items():
+            mine = sorted(s.attributes[names.TOKEN_INDEX] for s in tokens if s.attributes.get(names.GENERATION_ID) == state["ids"][me])
+            assert mine == list(range(count)), (me, mine)
+        assert len(tokens) == sum(steps.values())

@@ -7,6 +7,7 @@ done here per token is two random ids (so logs written during the token can carr
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import random
 import time
@@ -33,6 +34,16 @@ class GenerationInfo:
     per_token_traces: bool  # False: tokens are children of the generation span, in its trace
 
 
+class _OpenGeneration:
+    """A generation in progress: what its steps share, and the index its next step takes."""
+
+    __slots__ = ("info", "next_index")
+
+    def __init__(self, info: GenerationInfo) -> None:
+        self.info = info
+        self.next_index = 0
+
+
 class StepPayload(NamedTuple):
     """One step (prefill or decode token) as handed to the telemetry thread."""
 
@@ -56,7 +67,12 @@ class TokenContext(NamedTuple):
 class TracingTimeline(Timeline):
     """Collects each step's records and submits them with `submit(payload) -> bool` (never blocks).
 
-    Threading: called on the model's thread only; `submit` is the hand-over to another thread.
+    A step belongs to the generation open in the context that runs it (a context variable, one
+    per recorder): generations opened in two threads, or two asyncio tasks, each get their own
+    steps, numbered from 0. A step outside any generation is numbered on the recorder.
+
+    Threading: a step's begin and end come from the thread running the forward; `submit` is the
+    hand-over to the telemetry thread.
     """
 
     def __init__(
@@ -73,20 +89,24 @@ class TracingTimeline(Timeline):
         self.anchor = anchor
         self._anchored_at = time.monotonic()
         self.offload_attributes = dict(offload_attributes)
-        self.generation: GenerationInfo | None = None
+        self._open: contextvars.ContextVar[_OpenGeneration | None] = contextvars.ContextVar(f"tracedoffload_generation_{id(self):x}", default=None)
+        self._step_generation: _OpenGeneration | None = None  # of the step in progress
         self.current: TokenContext | None = None  # the token being computed
         self._token_index = 0
         self._records: list[LayerRecord] = []
         self._start: Any = None
 
-    def begin_generation(self, generation: GenerationInfo, anchor: Any) -> None:
-        self.generation = generation
+    def begin_generation(self, generation: GenerationInfo, anchor: Any) -> contextvars.Token:
+        """Open `generation` in the calling context; pass the result to `end_generation`."""
         self.anchor = anchor
         self._anchored_at = time.monotonic()
-        self._token_index = 0
+        return self._open.set(_OpenGeneration(generation))
 
-    def end_generation(self) -> None:
-        self.generation = None
+    def end_generation(self, opened: contextvars.Token) -> None:
+        try:
+            self._open.reset(opened)
+        except ValueError:  # ended from another context than it was opened in
+            self._open.set(None)
         self.clear_current()
 
     def clear_current(self) -> None:
@@ -97,9 +117,11 @@ class TracingTimeline(Timeline):
     def step_begin(self, marker: Any) -> None:
         self._start = marker
         self._records = []
-        generation = self.generation
+        self._step_generation = opened = self._open.get()
+        generation = opened.info if opened is not None else None
         trace_id = generation.span_context.trace_id if generation and not generation.per_token_traces and generation.span_context else random.getrandbits(128)
-        self.current = TokenContext(trace_id, random.getrandbits(64), self._token_index)
+        index = opened.next_index if opened is not None else self._token_index
+        self.current = TokenContext(trace_id, random.getrandbits(64), index)
         bind_token(self.current.trace_id, self.current.span_id)  # log lines of this context carry it
 
     def layer(self, record: LayerRecord) -> None:
@@ -110,11 +132,15 @@ class TracingTimeline(Timeline):
         if current is None:  # a step_end without its begin (hooks attached mid-forward)
             return
         memory = self._quiet_point() if self._quiet_point is not None else None
+        opened = self._step_generation
         self._submit(
-            StepPayload(self.generation, current.token_index, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records, memory)
+            StepPayload(opened.info if opened else None, current.token_index, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records, memory)
         )
         self._records = []
-        self._token_index += 1
+        if opened is not None:
+            opened.next_index += 1
+        else:
+            self._token_index += 1
         # After the hand-over, so every marker of a step is read against one anchor taken before it.
         if self._reanchor is not None and time.monotonic() - self._anchored_at >= REANCHOR_EVERY_S:
             self.anchor = self._reanchor()

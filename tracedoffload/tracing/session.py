@@ -198,14 +198,15 @@ class TracingSession:
         handle = GenerationHandle(generation_id, span)
         if self.monitor is not None:
             self.monitor.begin_generation()
-        if self._recorder is not None:
+        recorder, opened = self._recorder, None
+        if recorder is not None:
             info = GenerationInfo(generation_id, span.get_span_context() if span else None, self.per_token_traces)
-            self._recorder.begin_generation(info, self._clock.anchor())
+            opened = recorder.begin_generation(info, self._clock.anchor())
         try:
             yield handle
         finally:
-            if self._recorder is not None:
-                self._recorder.end_generation()
+            if recorder is not None and opened is not None:
+                recorder.end_generation(opened)
             if span is not None:
                 span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, handle.output_tokens)
                 span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, (handle.finish_reason,))
