@@ -1,4 +1,4 @@
-"""Builds dashboards/tracedoffload.json from tracedoffload.metric_names, so the dashboard cannot
+"""Builds dashboards/tracedoffload.json from tracedoffload.names (its metrics), so the dashboard cannot
 drift from the metrics (tests/test_dashboard.py checks the committed file is what this builds).
 
     python dashboards/build.py      # rewrite dashboards/tracedoffload.json
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tracedoffload import metric_names as mn
+from tracedoffload import names as mn
 
 OUT = Path(__file__).with_name("tracedoffload.json")
 SELECTOR = '{model=~"$model", instance=~"$instance"}'

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tracedoffload import metric_names
+from tracedoffload import names
 from tests.servers import RULES, binary, ensure_debian_packages, free_port, prometheus_stack, write_test_configs
 
 pytestmark = pytest.mark.servers
@@ -62,8 +62,8 @@ class TestRules:
         assert message in (result.stdout + result.stderr).lower()
 
     def test_rules_use_only_known_metrics(self):
-        """Every metric an alert reads is defined in tracedoffload/metric_names.py."""
-        known = {m.prometheus for m in metric_names.ALL}
+        """Every metric an alert reads is defined in tracedoffload/names.py."""
+        known = {m.prometheus for m in names.ALL}
         text = RULES.read_text()
         used = set(re.findall(r"\b(tracedoffload_[a-z0-9_]+)", text))
         assert used

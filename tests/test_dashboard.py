@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from tracedoffload import metric_names
+from tracedoffload import names
 
 ROOT = Path(__file__).parent.parent
 
@@ -25,8 +25,8 @@ class TestDashboard:
         assert (ROOT / "dashboards" / "tracedoffload.json").read_text() == load_builder().render()
 
     def test_every_query_uses_known_metric_names(self):
-        """Each Prometheus expression names only metrics from metric_names (with histogram suffixes)."""
-        known = {m.prometheus for m in metric_names.ALL}
+        """Each Prometheus expression names only metrics from tracedoffload/names.py (with histogram suffixes)."""
+        known = {m.prometheus for m in names.ALL}
         dashboard = json.loads((ROOT / "dashboards" / "tracedoffload.json").read_text())
         exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"] if "expr" in t]
         assert exprs

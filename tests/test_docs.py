@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tracedoffload import metric_names
-from tracedoffload.tracing import names
+from tracedoffload import names
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 SPAN_NAMES = sorted({v for k, v in vars(names).items() if k.isupper() and isinstance(v, str)} - {names.PROVIDER, names.GEN_AI_OPERATION})
@@ -17,10 +16,10 @@ SPAN_NAMES = sorted({v for k, v in vars(names).items() if k.isupper() and isinst
 class TestReadme:
     @pytest.mark.parametrize("name", SPAN_NAMES)
     def test_span_and_attribute_names_are_documented(self, name):
-        """Each name in tracing/names.py appears in the README's tables."""
+        """Each span, attribute and event name in names.py appears in the README's tables."""
         assert f"`{name}`" in README or f"{name}`" in README or f"`{name}" in README
 
-    @pytest.mark.parametrize("metric", metric_names.ALL, ids=lambda m: m.prometheus)
+    @pytest.mark.parametrize("metric", names.ALL, ids=lambda m: m.prometheus)
     def test_metric_names_are_documented(self, metric):
         """Each metric's Prometheus name appears in the README's metrics table."""
         assert f"`{metric.prometheus}`" in README

@@ -1,4 +1,4 @@
-"""Metrics over a real /metrics endpoint: names from metric_names, exemplars with trace ids,
+"""Metrics over a real /metrics endpoint: names from tracedoffload/names.py, exemplars with trace ids,
 absent device readings left unset, and a taken port refused before any work."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from tracedoffload import ConfigError, OffloadConfig, offload
-from tracedoffload import metric_names as mn
+from tracedoffload import names as mn
 from tracedoffload.metrics import OffloadMetrics, check_port_free, serve_metrics
 from tracedoffload.memory.monitor import MemoryMonitor
 from tracedoffload.tracing.sampling import SamplingPolicy
@@ -72,7 +72,7 @@ def value(found: dict[str, list], name: str, **labels: str) -> float:
 
 class TestExposition:
     def test_cpu_series_are_recorded_with_the_run_s_values(self, served_run):
-        """Every metric a CPU run records holds that run's values under its metric_names name, not
+        """Every metric a CPU run records holds that run's values under its names.py name, not
         only a registered name: 5 tokens counted and observed, bytes copied, memory read."""
         text, session = served_run
         found = samples(text)

@@ -3,7 +3,7 @@ reader is configured) and to a Prometheus registry (served on /metrics, with exe
 
 Two sinks because each does what the other cannot here: the OTel SDK exports OTLP metrics, and
 prometheus_client exposes exemplars carrying the token's trace id in the OpenMetrics format, so a
-Grafana panel jumps from a slow point to its trace. Names come from `metric_names`.
+Grafana panel jumps from a slow point to its trace. Names come from `tracedoffload.names`.
 Threading: recorded from the telemetry thread; the HTTP server runs on its own daemon thread.
 """
 
@@ -18,7 +18,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from tracedoffload import metric_names as mn
+from tracedoffload import names as mn
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.memory.leak import LeakAlert
 from tracedoffload.memory.probe import MemoryDetails, QuietPoint

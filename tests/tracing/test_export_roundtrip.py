@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from tests.servers import free_port
-from tracedoffload.tracing import names
+from tracedoffload import names
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter, read_otlp_jsonl
 from tracedoffload.tracing.exporters.otlp import otlp_span_exporter
 from tracedoffload.tracing.sampling import SamplingPolicy

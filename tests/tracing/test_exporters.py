@@ -32,7 +32,7 @@ from tests.logcapture import capture_logs
 
 from tests.servers import free_port
 from tracedoffload._exceptions import ConfigError
-from tracedoffload.tracing import names
+from tracedoffload import names
 from tracedoffload.tracing.exporters import (
     CountingExporter,
     ExportCounts,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import itertools
 
 from tracedoffload.timeline import COMPUTE, LayerRecord
-from tracedoffload.tracing import names, recorder
+from tracedoffload import names
+from tracedoffload.tracing import recorder
 from tracedoffload.tracing.recorder import GenerationInfo, TracingTimeline
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession

@@ -8,7 +8,7 @@ import pytest
 from tests.logcapture import capture_logs
 
 from tracedoffload._exceptions import ConfigError
-from tracedoffload.tracing import names
+from tracedoffload import names
 from tracedoffload.tracing.sampling import SamplingPolicy, TailSampler
 from tracedoffload.tracing.session import TracingSession
 

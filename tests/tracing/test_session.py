@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracedoffload import ConfigError, OffloadConfig, TracingStateError, offload
 from tracedoffload.logs import configure_logging
-from tracedoffload.tracing import names
+from tracedoffload import names
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 

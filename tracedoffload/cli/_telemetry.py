@@ -25,7 +25,7 @@ from tracedoffload.logs import get_logger
 from tracedoffload.metrics import OffloadMetrics, serve_metrics
 from tracedoffload.memory.monitor import MemoryMonitor
 from tracedoffload.offloader import Offloader
-from tracedoffload.tracing import names
+from tracedoffload import names
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
 from tracedoffload.tracing.exporters.otlp import otlp_metric_exporter, otlp_span_exporter
 from tracedoffload.tracing.exporters.perfetto import PerfettoExporter

@@ -18,7 +18,7 @@ from tracedoffload.memory.leak import LeakAlert, LeakDetector, LeakPolicy
 from tracedoffload.memory.probe import MemoryProbe, QuietPoint
 from tracedoffload.metrics import OffloadMetrics
 from tracedoffload.offloader import Offloader
-from tracedoffload.tracing import names
+from tracedoffload import names
 
 log = get_logger("tracedoffload.memory")
 

@@ -34,7 +34,7 @@ from tracedoffload._version import __version__
 from tracedoffload.logs import get_logger
 from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import Timeline
-from tracedoffload.tracing import names
+from tracedoffload import names
 from tracedoffload.tracing.clock import HostClock, clock_for
 from tracedoffload.tracing.fanout import ExportFanout, ExportSettings
 from tracedoffload.tracing.recorder import GenerationInfo, StepPayload, TracingTimeline

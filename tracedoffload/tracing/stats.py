@@ -22,7 +22,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from tracedoffload.logs import get_logger
-from tracedoffload.tracing import names
+from tracedoffload import names
 from tracedoffload.tracing.spanview import SpanView
 
 _TOKEN_SUMS = (

@@ -20,7 +20,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
 from tracedoffload.timeline import COMPUTE, RELEASE, TRANSFER
-from tracedoffload.tracing import names
+from tracedoffload import names
 from tracedoffload.tracing.recorder import StepPayload
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)

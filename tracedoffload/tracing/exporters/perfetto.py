@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracedoffload._checks import check_int
 from tracedoffload.logs import get_logger
-from tracedoffload.tracing.names import (
+from tracedoffload.names import (
     GEN_AI_OPERATION,
     GEN_AI_OPERATION_NAME,
     SPAN_COMPUTE,

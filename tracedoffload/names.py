@@ -1,0 +1,160 @@
+"""Every name tracedoffload emits: spans, attributes and events, then metrics with their
+Prometheus names. The README, the dashboards in dashboards/ and the alert rules in collectors/
+are checked against this module by the tests: change a name here and they point at every place
+that uses it.
+
+Spans: durations are integer nanoseconds in `*_ns` attributes (queryable as numbers in TraceQL),
+bytes in `*_bytes`. GenAI names follow the OpenTelemetry GenAI semantic conventions.
+
+Metrics: OpenTelemetry names follow the semantic conventions where one exists (`gen_ai.server.*`,
+`hw.gpu.memory.*`, `process.memory.*`) and are namespaced `tracedoffload.*` otherwise. The
+Prometheus name is the OpenTelemetry name with dots as underscores and the unit suffix Prometheus
+expects (`_seconds`, `_bytes`, `_total`), as the OpenTelemetry-to-Prometheus mapping does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# -- span names -------------------------------------------------------------------------------
+SPAN_TOKEN = "token"  # root of one token's trace: a prefill or decode step
+SPAN_TRANSFER = "layer.transfer"  # host -> device copy of one offloaded layer
+SPAN_COMPUTE = "layer.compute"  # one decoder layer's forward
+SPAN_RELEASE = "layer.release"  # an offloaded layer's device slot handed back (no copy)
+LAYER_SPANS = (SPAN_TRANSFER, SPAN_COMPUTE, SPAN_RELEASE)
+GEN_AI_OPERATION = "text_completion"  # the generation span is named "{operation} {model}"
+
+# -- GenAI semantic conventions (generation span) -------------------------------------------------
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+PROVIDER = "tracedoffload"
+SERVICE_NAME_DEFAULT = "tracedoffload"  # service.name when OTEL_SERVICE_NAME does not set one
+
+# -- offload configuration (generation and token spans) -----------------------------------------------
+OFFLOAD_GPU_LAYERS = "tracedoffload.offload.gpu_layers"
+OFFLOAD_CPU_LAYERS = "tracedoffload.offload.cpu_layers"
+OFFLOAD_PREFETCH = "tracedoffload.offload.prefetch"
+OFFLOAD_RESIDENCY = "tracedoffload.offload.residency"
+OFFLOAD_PINNED = "tracedoffload.offload.pin_memory"
+OFFLOAD_DEVICE = "tracedoffload.offload.device"
+OFFLOAD_OFFLOADED_BYTES = "tracedoffload.offload.offloaded_bytes"
+OFFLOAD_DEVICE_POOL_BYTES = "tracedoffload.offload.device_pool_bytes"
+OFFLOAD_PINNED_BYTES = "tracedoffload.offload.pinned_bytes"
+
+# -- generation and token -----------------------------------------------------------------------
+GENERATION_ID = "generation.id"
+TOKEN_INDEX = "token.index"
+TOKEN_PHASE = "phase"  # PHASE_PREFILL or PHASE_DECODE
+PHASE_PREFILL = "prefill"
+PHASE_DECODE = "decode"
+TOKEN_LAYER_DETAIL = "token.layer_detail"  # True when this token's layer spans were exported
+TOKEN_SAMPLED_BY = "token.sampled_by"  # why: first, slow, relative, every_n, all, none
+# Per-token sums over its layer spans, so totals survive sampled export (see stats.py).
+TOKEN_COMPUTE_NS = "token.compute_ns"
+TOKEN_TRANSFER_NS = "token.transfer_ns"
+TOKEN_RELEASE_NS = "token.release_ns"
+TOKEN_WAIT_NS = "token.wait_ns"
+TOKEN_OVERLAP_NS = "token.overlap_ns"
+TOKEN_TRANSFER_BYTES = "token.transfer_bytes"
+TOKEN_TRANSFERS = "token.transfers"
+TOKEN_PREFETCHED = "token.prefetched_transfers"  # transfers issued ahead of need
+# Per-layer figures of the token, as integer arrays indexed by layer index, so the per-layer
+# breakdown is complete even for tokens whose layer spans were not exported.
+TOKEN_LAYERS_COMPUTE_NS = "token.layers.compute_ns"
+TOKEN_LAYERS_TRANSFER_NS = "token.layers.transfer_ns"
+TOKEN_LAYERS_RELEASE_NS = "token.layers.release_ns"
+TOKEN_LAYERS_WAIT_NS = "token.layers.wait_ns"
+TOKEN_LAYERS_OVERLAP_NS = "token.layers.overlap_ns"
+TOKEN_LAYERS_TRANSFER_BYTES = "token.layers.transfer_bytes"
+TOKEN_LAYER_ARRAYS = (
+    TOKEN_LAYERS_COMPUTE_NS,
+    TOKEN_LAYERS_TRANSFER_NS,
+    TOKEN_LAYERS_RELEASE_NS,
+    TOKEN_LAYERS_WAIT_NS,
+    TOKEN_LAYERS_OVERLAP_NS,
+    TOKEN_LAYERS_TRANSFER_BYTES,
+)
+
+# -- layer spans ----------------------------------------------------------------------------------------
+LAYER_INDEX = "layer.index"
+LAYER_OFFLOADED = "layer.offloaded"
+LAYER_BYTES = "layer.bytes"
+LAYER_GBPS = "layer.gbps"
+LAYER_STREAM = "layer.stream"
+LAYER_SLOT = "layer.slot"
+LAYER_PREFETCHED = "layer.prefetched"
+LAYER_WAIT_NS = "layer.wait_ns"  # compute: time it waited for its own copy to land
+LAYER_OVERLAP_NS = "layer.overlap_ns"  # transfer: time it ran while some layer computed
+
+# -- events -------------------------------------------------------------------------------------------------
+EVENT_SLOW_TOKEN = "tracedoffload.slow_token"
+EVENT_LEAK_SUSPECTED = "tracedoffload.leak_suspected"
+
+# -- memory (token spans; absent when not readable, never 0) -----------------------------------------
+MEMORY_HOST_RSS = "memory.host.rss_bytes"
+MEMORY_HOST_RSS_DELTA = "memory.host.rss_delta_bytes"
+MEMORY_DEVICE_ALLOCATED = "memory.device.allocated_bytes"
+MEMORY_DEVICE_ALLOCATED_DELTA = "memory.device.allocated_delta_bytes"
+MEMORY_DEVICE_RESERVED = "memory.device.reserved_bytes"
+MEMORY_PINNED = "memory.host.pinned_bytes"
+
+
+# == metrics ===================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricName:
+    otel: str
+    prometheus: str
+    kind: str  # "histogram", "gauge" or "counter"
+    unit: str
+    description: str
+
+
+def _m(otel: str, prometheus: str, kind: str, unit: str, description: str) -> MetricName:
+    return MetricName(otel, prometheus, kind, unit, description)
+
+
+# -- latency (histograms, seconds; exemplars carry the token's trace id) ---------------------------
+TOKEN_LATENCY = _m("tracedoffload.token.duration", "tracedoffload_token_duration_seconds", "histogram", "s", "Wall time of one token step (prefill or decode)")
+TIME_TO_FIRST_TOKEN = _m("gen_ai.server.time_to_first_token", "gen_ai_server_time_to_first_token_seconds", "histogram", "s", "Time to the first generated token")
+TIME_PER_OUTPUT_TOKEN = _m("gen_ai.server.time_per_output_token", "gen_ai_server_time_per_output_token_seconds", "histogram", "s", "Time per decode token")
+REQUEST_DURATION = _m("gen_ai.server.request.duration", "gen_ai_server_request_duration_seconds", "histogram", "s", "Duration of one generation")
+LAYER_TRANSFER = _m("tracedoffload.layer.transfer.duration", "tracedoffload_layer_transfer_duration_seconds", "histogram", "s", "Host-to-device copy of one offloaded layer")
+LAYER_COMPUTE = _m("tracedoffload.layer.compute.duration", "tracedoffload_layer_compute_duration_seconds", "histogram", "s", "Forward of one decoder layer")
+
+# -- counters -----------------------------------------------------------------------------------------
+BYTES_COPIED = _m("tracedoffload.transfer.bytes", "tracedoffload_transfer_bytes_total", "counter", "By", "Bytes copied host to device")
+TOKENS = _m("tracedoffload.tokens", "tracedoffload_tokens_total", "counter", "{token}", "Token steps completed")
+SPANS_DROPPED = _m("tracedoffload.spans.dropped", "tracedoffload_spans_dropped_total", "counter", "{span}", "Spans lost before export")
+ALLOC_RETRIES = _m("tracedoffload.cuda.alloc_retries", "tracedoffload_cuda_alloc_retries_total", "counter", "{retry}", "CUDA caching allocator retries (cache flushes to satisfy an allocation)")
+OOMS = _m("tracedoffload.cuda.ooms", "tracedoffload_cuda_ooms_total", "counter", "{oom}", "CUDA out-of-memory errors seen by the caching allocator")
+
+# -- memory (gauges, bytes) ---------------------------------------------------------------------------------
+GPU_MEMORY_USAGE = _m("hw.gpu.memory.usage", "hw_gpu_memory_usage_bytes", "gauge", "By", "Device memory used (NVML), per device")
+GPU_MEMORY_LIMIT = _m("hw.gpu.memory.limit", "hw_gpu_memory_limit_bytes", "gauge", "By", "Device memory size (NVML), per device")
+GPU_PROCESS_MEMORY = _m("tracedoffload.gpu.process.memory.usage", "tracedoffload_gpu_process_memory_usage_bytes", "gauge", "By", "Device memory used by this process (NVML)")
+CUDA_ALLOCATED = _m("tracedoffload.cuda.memory.allocated", "tracedoffload_cuda_memory_allocated_bytes", "gauge", "By", "Bytes held by tensors (torch caching allocator)")
+CUDA_RESERVED = _m("tracedoffload.cuda.memory.reserved", "tracedoffload_cuda_memory_reserved_bytes", "gauge", "By", "Bytes reserved by the torch caching allocator")
+CUDA_PEAK = _m("tracedoffload.cuda.memory.peak", "tracedoffload_cuda_memory_peak_bytes", "gauge", "By", "Peak bytes held by tensors")
+PROCESS_RSS = _m("process.memory.usage", "process_memory_usage_bytes", "gauge", "By", "Resident set size of this process")
+PINNED_HOST = _m("tracedoffload.host.pinned", "tracedoffload_host_pinned_bytes", "gauge", "By", "Pinned host bytes held by the offloader")
+QUIET_POINT = _m("tracedoffload.memory.quiet_point", "tracedoffload_memory_quiet_point_bytes", "gauge", "By", "Memory at the last quiet point (after a step, all layers released), by source")
+
+# -- leak detector --------------------------------------------------------------------------------------------
+LEAK_SUSPECTED = _m("tracedoffload.leak.suspected", "tracedoffload_leak_suspected", "gauge", "1", "1 while the leak detector suspects a leak, by source")
+LEAK_BYTES_PER_TOKEN = _m("tracedoffload.leak.bytes_per_token", "tracedoffload_leak_bytes_per_token", "gauge", "By", "Estimated leaked bytes per token, by source")
+KV_EXPECTED = _m("tracedoffload.kv_cache.expected_bytes_per_token", "tracedoffload_kv_cache_expected_bytes_per_token", "gauge", "By", "KV-cache growth per token the planner expects")
+
+ALL: tuple[MetricName, ...] = tuple(v for v in dict(globals()).values() if isinstance(v, MetricName))
+
+# Label names.
+LABEL_PHASE = "phase"  # prefill / decode
+LABEL_MODEL = "model"
+LABEL_SOURCE = "source"  # memory source: "device" (torch allocator / NVML) or "host" (RSS + pinned)
+LABEL_DEVICE = "device"
