@@ -238,3 +238,40 @@ class TestCuda:
                 out = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
             assert torch.equal(out, expected)
         assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+class TestMarkersOnlyWhenListenedTo:
+    def test_no_markers_are_taken_for_a_timeline_that_does_not_want_them(self):
+        """With nothing listening (the default NullTimeline, or any timeline that says it wants
+        no markers) no host-clock reading or CUDA timing event is taken: records carry None.
+        A timeline that reads them gets them, and can be swapped in and out."""
+        from tracedoffload import RecordingTimeline, offload, OffloadConfig
+        from tracedoffload.timeline import NullTimeline, Timeline
+
+        class Blind(Timeline):
+            wants_markers = False
+
+            def __init__(self) -> None:
+                self.markers = []
+
+            def step_begin(self, marker):
+                self.markers.append(marker)
+
+            def layer(self, record):
+                self.markers += [record.start, record.end]
+
+        model = tiny_model()
+        ids = torch.arange(5).unsqueeze(0)
+        with offload(model, OffloadConfig(num_layers_on_gpu=2)) as offloader:
+            assert isinstance(offloader.timeline, NullTimeline)
+            blind = Blind()
+            offloader.timeline = blind
+            with torch.inference_mode():
+                model(ids)
+            assert blind.markers and all(marker is None for marker in blind.markers)
+            recording = RecordingTimeline()
+            offloader.timeline = recording
+            with torch.inference_mode():
+                model(ids)
+            records = recording.records()
+            assert records and all(isinstance(r.start, int) and isinstance(r.end, int) for r in records)

@@ -46,7 +46,10 @@ class CpuStreams:
     def mark(self) -> int:
         return time.perf_counter_ns()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, fences: SlotFences) -> tuple[int, int]:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, fences: SlotFences, timed: bool = True) -> tuple[int | None, int | None]:
+        if not timed:
+            dst.copy_(src)
+            return None, None
         start = time.perf_counter_ns()
         dst.copy_(src)
         return start, time.perf_counter_ns()
@@ -90,18 +93,23 @@ class CudaStreams:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, fences: SlotFences) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    def copy(
+        self, dst: torch.Tensor, src: torch.Tensor, fences: SlotFences, timed: bool = True
+    ) -> tuple[torch.cuda.Event | None, torch.cuda.Event | None]:
         stream = self.copy_stream
         # The slot may still be read by the previous layer's kernels: wait for them on the GPU.
         # An event that was never recorded completes at once, so a fresh slot does not stall.
         stream.wait_event(fences.free)
-        start = self._timing_event()
-        start.record(stream)
+        start = end = None
+        if timed:
+            start = self._timing_event()
+            start.record(stream)
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
-        end = self._timing_event()
-        end.record(stream)
-        fences.ready.record(stream)
+        if timed:
+            end = self._timing_event()
+            end.record(stream)
+        fences.ready.record(stream)  # a fence, not a timer: always recorded
         return start, end
 
     def wait_ready(self, fences: SlotFences) -> None:

@@ -21,7 +21,7 @@ from tracedoffload.config import ConfigError, OffloadConfig, parse_device, resid
 from tracedoffload.layers import check_layer_list, find_decoder_layers
 from tracedoffload.logs import get_logger
 from tracedoffload.presets import GPU_TIERS
-from tracedoffload.timeline import COMPUTE, RELEASE, TRANSFER, LayerRecord, Timeline
+from tracedoffload.timeline import COMPUTE, RELEASE, TRANSFER, LayerRecord, NullTimeline, Timeline
 
 log = get_logger("tracedoffload.offloader")
 
@@ -93,7 +93,7 @@ def offload(
     config = _resolve_tier(model, config)
     num_resident = config.layers_on_gpu(len(layer_list))
     resident = resident_layer_indices(config.residency, len(layer_list), num_resident)
-    return Offloader(model, layer_list, config, device, resident, timeline or Timeline())
+    return Offloader(model, layer_list, config, device, resident, timeline or NullTimeline())
 
 
 def resolve_device(spelling: str | torch.device) -> torch.device:
@@ -138,8 +138,8 @@ class Offloader:
         self.device = device
         self.resident_indices = tuple(resident)
         self.offloaded_indices = tuple(i for i in range(len(layers)) if i not in set(resident))
-        self.timeline = timeline
         self._streams: CpuStreams | CudaStreams = streams_for(device)
+        self.timeline = timeline
         self.pinned = config.pin_memory and device.type == "cuda"
         self._offloaded: dict[int, _OffloadedLayer] = {}
         self._slots: list[_Slot] = []
@@ -297,16 +297,28 @@ class Offloader:
         self._slots.clear()
         self._slot_of.clear()
 
+    @property
+    def timeline(self) -> Timeline:
+        """Where the boundaries go; settable (tracing attaches by replacing it)."""
+        return self._timeline
+
+    @timeline.setter
+    def timeline(self, timeline: Timeline) -> None:
+        self._timeline = timeline
+        # Markers only for a timeline that reads them: a hook then pays one attribute call.
+        self._timed = bool(getattr(timeline, "wants_markers", True))
+        self._mark = self._streams.mark if self._timed else _no_marker
+
     # -- the hooks ------------------------------------------------------------------------------
 
     @torch.compiler.disable
     def _step_pre_hook(self, module: nn.Module, args: Any) -> None:
         self._observed_order = []
-        self.timeline.step_begin(self._streams.mark())
+        self.timeline.step_begin(self._mark())
 
     @torch.compiler.disable
     def _step_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.timeline.step_end(self._streams.mark())
+        self.timeline.step_end(self._mark())
         observed = self._observed_order
         if observed != self._order and sorted(observed) == list(range(len(self.layers))):
             # The layers ran in another order than listed: prefetch in the order they really run.
@@ -327,11 +339,11 @@ class Offloader:
             for item, view in zip(offloaded.layout.tensors, offloaded.slot_views[slot.index]):
                 item.tensor.data = view
         self._prefetch_after(index)
-        self._compute_start[index] = self._streams.mark()
+        self._compute_start[index] = self._mark()
 
     @torch.compiler.disable
     def _post_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
-        end = self._streams.mark()
+        end = self._mark()
         slot = self._slot_of.get(index)
         self.timeline.layer(
             LayerRecord(COMPUTE, index, self._compute_start.pop(index, end), end, 0, slot.index if slot else -1, False)
@@ -347,7 +359,7 @@ class Offloader:
         slot.layer = None
         slot.in_use = False
         del self._slot_of[index]
-        self.timeline.layer(LayerRecord(RELEASE, index, end, self._streams.mark(), offloaded.layout.nbytes, slot.index, False))
+        self.timeline.layer(LayerRecord(RELEASE, index, end, self._mark(), offloaded.layout.nbytes, slot.index, False))
         self._prefetch_after(index)
 
     # -- scheduling -----------------------------------------------------------------------------
@@ -400,10 +412,14 @@ class Offloader:
     def _issue_copy(self, index: int, slot: _Slot, prefetched: bool) -> None:
         offloaded = self._offloaded[index]
         nbytes = offloaded.layout.nbytes
-        start, end = self._streams.copy(slot.flat[:nbytes], offloaded.host_flat, slot.fences)
+        start, end = self._streams.copy(slot.flat[:nbytes], offloaded.host_flat, slot.fences, timed=self._timed)
         slot.layer = index
         self._slot_of[index] = slot
         self.timeline.layer(LayerRecord(TRANSFER, index, start, end, nbytes, slot.index, prefetched))
+
+
+def _no_marker() -> None:
+    return None
 
 
 def _bind(method: Any, index: int) -> Any:

@@ -33,7 +33,7 @@ from tracedoffload._exceptions import ConfigError, TracingStateError
 from tracedoffload._version import __version__
 from tracedoffload.logs import get_logger
 from tracedoffload.offloader import Offloader
-from tracedoffload.timeline import Timeline
+from tracedoffload.timeline import NullTimeline
 from tracedoffload import names
 from tracedoffload.tracing.clock import HostClock, clock_for
 from tracedoffload.tracing.fanout import ExportFanout, ExportSettings
@@ -156,7 +156,7 @@ class TracingSession:
     def detach(self) -> None:
         """Stop tracing the attached offloader (its timeline goes back to the no-op one)."""
         if self._offloader is not None:
-            self._offloader.timeline = Timeline()
+            self._offloader.timeline = NullTimeline()
             self._offloader = None
         if self._recorder is not None:
             self._recorder.clear_current()
