@@ -106,11 +106,13 @@ class TracingSession:
         self._stats_processor = StatsSpanProcessor(self.stats)
         self._fanout = ExportFanout(list(exporters), export or ExportSettings())
         # Our own exit hook rather than the provider's: it drains the telemetry thread first,
-        # bounds the wait, and is a no-op in a forked child.
-        self.provider = TracerProvider(resource=resource or default_resource(), shutdown_on_exit=False)
-        self.provider.add_span_processor(self._stats_processor)
-        self.provider.add_span_processor(self._fanout)
-        self._tracer = self.provider.get_tracer(SCOPE_NAME, __version__)
+        # bounds the wait, and is a no-op in a forked child. Private: only the generation spans
+        # go through it (token and layer spans are built as ReadableSpans and handed to the
+        # fan-out directly), so a processor added to it would see a fraction of the spans.
+        self._provider = TracerProvider(resource=resource or default_resource(), shutdown_on_exit=False)
+        self._provider.add_span_processor(self._stats_processor)
+        self._provider.add_span_processor(self._fanout)
+        self._tracer = self._provider.get_tracer(SCOPE_NAME, __version__)
         self._scope = InstrumentationScope(SCOPE_NAME, __version__)
         self._sampler = TailSampler(self.policy)
         self._listeners: list[TokenListener] = []
@@ -147,7 +149,7 @@ class TracingSession:
         self._clock = clock_for(offloader.device)
         offload_attributes = offload_span_attributes(offloader)
         self._timer = TokenTimer(self._clock.resolve, len(offloader.layers), host_clock=isinstance(self._clock, HostClock))
-        self._factory = SpanFactory(self.provider.resource, self._scope, streams.copy_stream_name, offload_attributes)
+        self._factory = SpanFactory(self._provider.resource, self._scope, streams.copy_stream_name, offload_attributes)
         quiet_point = self.monitor.quiet_point if self.monitor is not None else None
         self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes, quiet_point, reanchor=self._clock.anchor)
         self._offloader = offloader
