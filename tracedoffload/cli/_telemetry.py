@@ -19,13 +19,13 @@ from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 from prometheus_client import CollectorRegistry
 
+from tracedoffload import names
 from tracedoffload.cli.progress import ProgressBar, end_progress_line
 from tracedoffload.faults import LeakInjector, inject_leak
 from tracedoffload.logs import get_logger
 from tracedoffload.metrics import OffloadMetrics, serve_metrics
 from tracedoffload.memory.monitor import MemoryMonitor
 from tracedoffload.offloader import Offloader
-from tracedoffload import names
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
 from tracedoffload.tracing.exporters.otlp import otlp_metric_exporter, otlp_span_exporter
 from tracedoffload.tracing.exporters.perfetto import PerfettoExporter

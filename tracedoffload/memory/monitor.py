@@ -13,12 +13,12 @@ from typing import Any
 
 from opentelemetry.sdk.trace import Event
 
+from tracedoffload import names
 from tracedoffload.logs import get_logger
 from tracedoffload.memory.leak import LeakAlert, LeakDetector, LeakPolicy
 from tracedoffload.memory.probe import MemoryProbe, QuietPoint
 from tracedoffload.metrics import OffloadMetrics
 from tracedoffload.offloader import Offloader
-from tracedoffload import names
 
 log = get_logger("tracedoffload.memory")
 

@@ -11,14 +11,11 @@ export all happen elsewhere, behind bounded queues.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import os
 import secrets
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -28,13 +25,14 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Span
 
+from tracedoffload import names
 from tracedoffload._checks import check_int, check_number
 from tracedoffload._exceptions import ConfigError, TracingStateError
 from tracedoffload._version import __version__
 from tracedoffload.logs import get_logger
 from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import NullTimeline
-from tracedoffload import names
+from tracedoffload.tracing import lifecycle
 from tracedoffload.tracing.clock import HostClock, clock_for
 from tracedoffload.tracing.fanout import ExportFanout, ExportSettings
 from tracedoffload.tracing.recorder import GenerationInfo, StepPayload, TracingTimeline
@@ -126,7 +124,7 @@ class TracingSession:
         self._pid = os.getpid()
         self._orphaned = False  # set in a forked child, where the threads above do not exist
         self._fork_warned = False
-        _LIVE_SESSIONS.add(self)
+        lifecycle.register(self)
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -256,7 +254,7 @@ class TracingSession:
         drained = self._worker.stop(timeout_s)
         # The fan-out keeps to the deadline itself; on a daemon thread as well, so that an
         # exporter's own shutdown() that hangs cannot hold the caller past the budget either.
-        closer = _start_daemon(self._fanout.shutdown, max(0.0, deadline - time.monotonic()))
+        closer = lifecycle.start_daemon(self._fanout.shutdown, max(0.0, deadline - time.monotonic()))
         if closer is not None:
             closer.join(max(0.0, deadline - time.monotonic()))
         self._closed = True
@@ -344,48 +342,3 @@ def _markers(payload: StepPayload) -> list[Any]:
         seen[id(record.start)] = record.start
         seen[id(record.end)] = record.end
     return list(seen.values())
-
-
-# Sessions of this process, marked orphaned in a forked child (before any of its code runs).
-_LIVE_SESSIONS: weakref.WeakSet[TracingSession] = weakref.WeakSet()
-
-
-def _orphan_sessions_in_child() -> None:
-    for session in list(_LIVE_SESSIONS):
-        session._after_fork_in_child()
-
-
-EXIT_BUDGET_S = 5.0
-
-
-def _shut_sessions_down_at_exit() -> None:
-    """Send what live sessions still hold, side by side (a stuck exporter must not use up the
-    others' time) and all within one budget."""
-    deadline = time.monotonic() + EXIT_BUDGET_S
-    closers = [_start_daemon(_shut_down_quietly, session, deadline) for session in list(_LIVE_SESSIONS)]
-    for closer in closers:
-        if closer is not None:
-            closer.join(max(0.0, deadline - time.monotonic()))
-
-
-def _shut_down_quietly(session: TracingSession, deadline: float) -> None:
-    try:
-        session.shutdown(max(0.05, deadline - time.monotonic()))
-    except Exception:  # noqa: BLE001 - one session's failure must not cost the others theirs
-        pass
-
-
-def _start_daemon(target: Callable[..., None], *args: Any) -> threading.Thread | None:
-    """`target(*args)` on a daemon thread, which is returned; where no thread can start (at
-    interpreter exit on Python 3.12.0-3.12.1) it runs here and None is returned."""
-    thread = threading.Thread(target=target, args=args, name="tracedoffload-shutdown", daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:
-        target(*args)
-        return None
-    return thread
-
-
-os.register_at_fork(after_in_child=_orphan_sessions_in_child)
-atexit.register(_shut_sessions_down_at_exit)

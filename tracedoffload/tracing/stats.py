@@ -21,8 +21,8 @@ from typing import Any
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
-from tracedoffload.logs import get_logger
 from tracedoffload import names
+from tracedoffload.logs import get_logger
 from tracedoffload.tracing.spanview import SpanView
 
 _TOKEN_SUMS = (

@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
-from tracedoffload.timeline import COMPUTE, RELEASE, TRANSFER
 from tracedoffload import names
+from tracedoffload.timeline import COMPUTE, RELEASE, TRANSFER
 from tracedoffload.tracing.recorder import StepPayload
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
