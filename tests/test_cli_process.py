@@ -4,7 +4,6 @@ middle of a generation, and a collector that is down at exit."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -13,7 +12,6 @@ import time
 
 import pytest
 
-from tests.servers import free_port
 
 HEAVY_MODULES = ("torch", "transformers", "opentelemetry.sdk")
 WHAT_WAS_IMPORTED = """
