@@ -11,14 +11,17 @@ file). For each run it reads `time.thread_time()` on
 - the exporter thread, around each `export()` (encoding and writing the file).
 
 Prints medians over rounds, per generated token, and the telemetry's share of the model thread's
-CPU. Half the layers offloaded.
+CPU. Half the layers offloaded. `--batch N` generates N sequences per forward (one prompt
+repeated): the figures are then per generated token, N per forward. The tracing core still
+traces one step per forward, so this is what its per-forward cost comes to per token today.
 
-    python bench/bench_telemetry_cpu.py --rounds 9 --tokens 48
+    python bench/bench_telemetry_cpu.py --rounds 9 --tokens 48 [--batch 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import threading
@@ -26,11 +29,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracedoffload import OffloadConfig, offload
-from tracedoffload.generation import generate_once
+from tracedoffload.generation import encode_prompt, generate_once
 from tracedoffload.tracing.exporters.jsonl import OtlpJsonLinesExporter
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
@@ -78,8 +82,17 @@ class TelemetryCpu:
         self._last = now
 
 
-def one_run(model, tokenizer, offloader, prompt, tokens: int, policy: SamplingPolicy | None, trace_dir: Path) -> dict[str, float]:
-    """CPU ms per token of the model's thread, the telemetry thread and the exporter thread."""
+def generate_batch(model, tokenizer, prompt: str, tokens: int, batch: int, session: TracingSession | None) -> None:
+    """`batch` copies of the prompt, `tokens` new tokens each, greedy, traced as one generation."""
+    encoded = encode_prompt(tokenizer, prompt)
+    ids, mask = encoded["input_ids"].repeat(batch, 1), encoded["attention_mask"].repeat(batch, 1)
+    traced = session.generation("default", ids.shape[1], tokens) if session is not None else contextlib.nullcontext()
+    with torch.inference_mode(), traced:
+        model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, eos_token_id=None, do_sample=False, pad_token_id=0)
+
+
+def one_run(model, tokenizer, offloader, prompt, tokens: int, policy: SamplingPolicy | None, trace_dir: Path, batch: int = 1) -> dict[str, float]:
+    """CPU ms per generated token of the model's thread, the telemetry thread and the exporter thread."""
     session = exporter = telemetry = None
     if policy is not None:
         exporter = CpuTimedExporter(OtlpJsonLinesExporter(trace_dir / f"{time.time_ns()}.otlp.jsonl"))
@@ -88,14 +101,18 @@ def one_run(model, tokenizer, offloader, prompt, tokens: int, policy: SamplingPo
         session.add_token_listener(telemetry)
         session.attach(offloader)
     started = time.thread_time()
-    generate_once(model, tokenizer, prompt, tokens, session, "default", ignore_eos=True)
+    if batch == 1:
+        generate_once(model, tokenizer, prompt, tokens, session, "default", ignore_eos=True)
+    else:
+        generate_batch(model, tokenizer, prompt, tokens, batch, session)
     model_cpu = time.thread_time() - started
     if session is not None:
         session.shutdown(30)  # every export done before the exporter's CPU time is read
-    per_token = 1e3 / tokens
+    per_token = 1e3 / (tokens * batch)
     return {
         "model": model_cpu * per_token,
-        "telemetry": telemetry.cpu_s * 1e3 / (tokens - 1) if telemetry else 0.0,
+        # The telemetry thread's CPU is read at each listener call: the first step's is not in it.
+        "telemetry": telemetry.cpu_s * 1e3 / ((tokens - 1) * batch) if telemetry else 0.0,
         "export": exporter.cpu_s * per_token if exporter else 0.0,
     }
 
@@ -104,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
     add_model_argument(parser)
     args = parser.parse_args()
 
@@ -117,13 +135,13 @@ def main() -> None:
         order = list(POLICIES)
         for round_index in range(args.rounds):
             for name in order[round_index % 3 :] + order[: round_index % 3]:
-                runs[name].append(one_run(model, tokenizer, offloader, prompt, args.tokens, POLICIES[name], Path(trace_dir)))
+                runs[name].append(one_run(model, tokenizer, offloader, prompt, args.tokens, POLICIES[name], Path(trace_dir), args.batch))
     offloader.detach()
 
     def median(name: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[name])
 
-    print(f"CPU time per token, medians of {args.rounds} interleaved rounds x {args.tokens} tokens, half the layers offloaded")
+    print(f"CPU time per generated token, medians of {args.rounds} interleaved rounds x {args.tokens} tokens x batch {args.batch}, half the layers offloaded")
     print(f"  {'':8} {'model thread':>13} {'telemetry':>10} {'export':>9}")
     for name in POLICIES:
         print(f"  {name:<8} {median(name, 'model'):10.3f} ms {median(name, 'telemetry') * 1e3:7.0f} us {median(name, 'export') * 1e3:6.0f} us")

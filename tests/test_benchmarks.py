@@ -46,3 +46,11 @@ def test_default_model_benchmark_prints_its_ratios() -> None:
         match = re.search(pattern, output)
         assert match, f"bench_default_model.py did not print {pattern!r}:\n{output}"
         assert 0.0 < float(match.group(1)) < 100.0
+
+
+def test_telemetry_cpu_benchmark_runs_batched() -> None:
+    """A smoke test: --batch divides the figures by the sequences each forward serves."""
+    output = _run("bench_telemetry_cpu.py", "--rounds", "1", "--tokens", "4", "--batch", "2", "--model", "random")
+    assert "x batch 2," in output
+    match = re.search(rf"full   : telemetry \+ export CPU / model CPU = {RATIO}", output)
+    assert match and 0.0 < float(match.group(1)) < 100.0
