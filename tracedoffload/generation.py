@@ -13,13 +13,15 @@ import contextlib
 import signal
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tracedoffload._exceptions import TracedOffloadError
-from tracedoffload.tracing.session import TracingSession
+
+if TYPE_CHECKING:  # annotations only: generating needs no OpenTelemetry SDK unless traced
+    from tracedoffload.tracing.session import TracingSession
 
 # OpenAI's and the GenAI semantic conventions' finish reasons.
 FINISH_STOP = "stop"  # the model emitted an end-of-sequence (end-of-turn) token

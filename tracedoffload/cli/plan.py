@@ -7,7 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
-from tracedoffload._checks import check_int
+from tracedoffload._checks import check_choice, check_int, check_positive
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.models import RANDOM_MODEL
 from tracedoffload.models.gguf_file import is_gguf_path
@@ -88,15 +88,13 @@ def plan(args: argparse.Namespace) -> int:
 
 def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--bandwidth-gbps", args.bandwidth_gbps), ("--device-memory-gbps", args.device_memory_gbps), ("--compute-ms", args.compute_ms)):
-        if value is not None and not 0 < value < float("inf"):
-            raise ConfigError(flag, value, "a finite number > 0")
-    if args.kv_tokens < 0:
-        raise ConfigError("--kv-tokens", args.kv_tokens, "an integer >= 0")
+        if value is not None:
+            check_positive(flag, value)
+    check_int("--kv-tokens", args.kv_tokens, 0)
     check_int("--prefetch", args.prefetch, 0, MAX_PREFETCH)
-    if args.residency not in RESIDENCY_POLICIES:
-        raise ConfigError("--residency", args.residency, f"one of {', '.join(RESIDENCY_POLICIES)}")
-    if args.tier is not None and args.tier not in GPU_TIERS:
-        raise ConfigError("--tier", args.tier, f"one of {', '.join(GPU_TIERS)}")
+    check_choice("--residency", args.residency, RESIDENCY_POLICIES)
+    if args.tier is not None:
+        check_choice("--tier", args.tier, list(GPU_TIERS))
 
 
 def _measure(args: argparse.Namespace) -> Any:

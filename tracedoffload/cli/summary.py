@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tracedoffload.generation import FINISH_INTERRUPTED, FINISH_STOP
 from tracedoffload.tracing.summary import slowest_tokens, stats_table
 
 
@@ -84,9 +85,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _stop_reason(generation: Any, max_new_tokens: int) -> str:
-    if generation.finish_reason == "stop":
+    if generation.finish_reason == FINISH_STOP:
         return f"at the end-of-turn token {generation.stop_token!r}"
-    if generation.finish_reason == "interrupted":
+    if generation.finish_reason == FINISH_INTERRUPTED:
         return "interrupted (Ctrl-C), after the step in progress"
     return f"at the maximum, --max-new-tokens {max_new_tokens}"
 

@@ -121,8 +121,8 @@ def _gguf_key(path: Path, shown: str, root: Path) -> str:
 def _read_config(path: Path, shown: str) -> Any:
     from transformers import AutoConfig
 
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ModelLoadError(f"model={shown!r} is not a model directory: it has no config.json")
+    if path.is_dir():
+        _require_config(path, shown)
     try:
         # local_files_only: a mistyped path must never turn into a Hub download.
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -130,11 +130,15 @@ def _read_config(path: Path, shown: str) -> Any:
         raise ModelLoadError(f"model={shown!r}: its config could not be read: {error}") from None
 
 
+def _require_config(directory: Path, shown: str) -> None:
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"model={shown!r} is not a model directory: it has no config.json")
+
+
 def _load_directory(directory: Path, shown: str, dtype: torch.dtype | None, source: str, name: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (directory / "config.json").is_file():
-        raise ModelLoadError(f"model={shown!r} is not a model directory: it has no config.json")
+    _require_config(directory, shown)
     try:
         with _quiet_progress():  # a bar per load of a local file, gone in a second, is noise
             model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype or "auto")
