@@ -12,8 +12,8 @@ file). For each run it reads `time.thread_time()` on
 
 Prints medians over rounds, per generated token, and the telemetry's share of the model thread's
 CPU. Half the layers offloaded. `--batch N` generates N sequences per forward (one prompt
-repeated): the figures are then per generated token, N per forward. The tracing core still
-traces one step per forward, so this is what its per-forward cost comes to per token today.
+repeated), each its own generation: the figures are then per generated token, N per forward
+(one step span per forward names its N sequences and links to their N generations).
 
     python bench/bench_telemetry_cpu.py --rounds 9 --tokens 48 [--batch 8]
 """
@@ -69,7 +69,7 @@ class CpuTimedExporter(SpanExporter):
 
 
 class TelemetryCpu:
-    """A token listener: the telemetry thread's CPU time between consecutive tokens."""
+    """A step listener: the telemetry thread's CPU time between consecutive steps."""
 
     def __init__(self) -> None:
         self.cpu_s = 0.0
@@ -77,16 +77,16 @@ class TelemetryCpu:
 
     def __call__(self, timing: object, stats: object) -> None:
         now = time.thread_time()
-        if self._last is not None:  # the first token's share includes thread start-up: left out
+        if self._last is not None:  # the first step's share includes thread start-up: left out
             self.cpu_s += now - self._last
         self._last = now
 
 
 def generate_batch(model, tokenizer, prompt: str, tokens: int, batch: int, session: TracingSession | None) -> None:
-    """`batch` copies of the prompt, `tokens` new tokens each, greedy, traced as one generation."""
+    """`batch` copies of the prompt, `tokens` new tokens each, greedy, traced as `batch` generations."""
     encoded = encode_prompt(tokenizer, prompt)
     ids, mask = encoded["input_ids"].repeat(batch, 1), encoded["attention_mask"].repeat(batch, 1)
-    traced = session.generation("default", ids.shape[1], tokens) if session is not None else contextlib.nullcontext()
+    traced = session.generations("default", [ids.shape[1]] * batch, tokens) if session is not None else contextlib.nullcontext()
     with torch.inference_mode(), traced:
         model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, eos_token_id=None, do_sample=False, pad_token_id=0)
 
@@ -98,7 +98,7 @@ def one_run(model, tokenizer, offloader, prompt, tokens: int, policy: SamplingPo
         exporter = CpuTimedExporter(OtlpJsonLinesExporter(trace_dir / f"{time.time_ns()}.otlp.jsonl"))
         telemetry = TelemetryCpu()
         session = TracingSession([exporter], policy=policy)
-        session.add_token_listener(telemetry)
+        session.add_step_listener(telemetry)
         session.attach(offloader)
     started = time.thread_time()
     if batch == 1:

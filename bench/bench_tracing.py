@@ -76,7 +76,7 @@ def main() -> None:
                 results[name].append(elapsed)
                 flushed[name].append(with_flush)
                 if stats:
-                    spans_exported[name] = stats.get("layer_detail_tokens"), stats.get("dropped_spans")
+                    spans_exported[name] = stats.get("layer_detail_steps"), stats.get("dropped_spans")
     offloader.detach()
 
     median = {name: statistics.median(values) for name, values in results.items()}

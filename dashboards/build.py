@@ -39,9 +39,11 @@ def _quantile(metric: mn.MetricName, q: float, by: str = "") -> str:
 
 def build() -> dict[str, Any]:
     panels = [
-        _panel("Token latency (p50 / p95 by phase); exemplars open the token's trace", [
-            _target(_quantile(mn.TOKEN_LATENCY, 0.5, "phase"), "p50 {{phase}}", "A", exemplar=True),
-            _target(_quantile(mn.TOKEN_LATENCY, 0.95, "phase"), "p95 {{phase}}", "B", exemplar=True),
+        _panel("Step (forward) latency p50 / p95 by phase; exemplars open the step's trace", [
+            _target(_quantile(mn.STEP_LATENCY, 0.5, "phase"), "p50 {{phase}}", "A", exemplar=True),
+            _target(_quantile(mn.STEP_LATENCY, 0.95, "phase"), "p95 {{phase}}", "B", exemplar=True),
+            _target(_quantile(mn.TIME_TO_FIRST_TOKEN, 0.95), "time to first token p95", "C", exemplar=True),
+            _target(_quantile(mn.TIME_PER_OUTPUT_TOKEN, 0.95), "time per output token p95", "D", exemplar=True),
         ], "s", 0, 0),
         _panel("Layer transfer and compute p95", [
             _target(_quantile(mn.LAYER_TRANSFER, 0.95), "transfer p95", "A"),
@@ -50,16 +52,17 @@ def build() -> dict[str, Any]:
         _panel("Host-to-device bytes per second", [
             _target(f"sum(rate({mn.BYTES_COPIED.prometheus}{SELECTOR}[$__rate_interval]))", "copied", "A"),
         ], "Bps", 0, 8),
-        _panel("Tokens per second", [
-            _target(f"sum(rate({mn.TOKENS.prometheus}{SELECTOR}[$__rate_interval]))", "tokens/s", "A"),
+        _panel("Generated tokens and forwards per second (a batch makes more tokens per forward)", [
+            _target(f"sum(rate({mn.GENERATED_TOKENS.prometheus}{SELECTOR}[$__rate_interval]))", "tokens/s", "A"),
+            _target(f"sum(rate({mn.STEPS.prometheus}{SELECTOR}[$__rate_interval]))", "forwards/s", "B"),
         ], "short", 12, 8),
-        _panel("Quiet-point memory by source (leaks show as a rising floor)", [
+        _panel("Quiet-point memory by source (leaks show as a rising floor) and KV tokens held", [
             _target(f"{mn.QUIET_POINT.prometheus}{SELECTOR}", "{{source}}", "A"),
-            _target(f"{mn.KV_EXPECTED.prometheus}{SELECTOR}", "expected KV bytes/token", "B"),
+            _target(f"{mn.KV_TOKENS.prometheus}{SELECTOR} * {mn.KV_EXPECTED.prometheus}{SELECTOR}", "KV cache bytes expected", "B"),
         ], "bytes", 0, 16),
         _panel("Leak detector", [
             _target(f"{mn.LEAK_SUSPECTED.prometheus}{SELECTOR}", "suspected {{source}}", "A"),
-            _target(f"{mn.LEAK_BYTES_PER_TOKEN.prometheus}{SELECTOR}", "bytes/token {{source}}", "B"),
+            _target(f"{mn.LEAK_BYTES_PER_STEP.prometheus}{SELECTOR}", "bytes/step {{source}}", "B"),
         ], "short", 12, 16),
         _panel("Device memory", [
             _target(f"{mn.CUDA_ALLOCATED.prometheus}{SELECTOR}", "allocated", "A"),
@@ -78,15 +81,15 @@ def build() -> dict[str, Any]:
         ], "short", 0, 32),
         {
             "type": "table",
-            "title": "Slowest tokens of a generation (Tempo)",
-            "description": "Set the generation variable to a generation.id (run summary, logs or the generation span) to list its slowest tokens.",
+            "title": "Slowest steps of a generation (Tempo)",
+            "description": "Set the generation variable to a generation.id (run summary, logs or the generation span) to list the forwards that served it, slowest first. A step of one sequence names it in generation.id, a step of several in step.sequence.generation_ids (an array: Tempo 2.6 or later).",
             "datasource": {"type": "tempo", "uid": "${tempo}"},
             "gridPos": {"x": 12, "y": 32, "w": 12, "h": 8},
             "targets": [
                 {
                     "datasource": {"type": "tempo", "uid": "${tempo}"},
                     "queryType": "traceql",
-                    "query": '{ name="token" && span.generation.id=~"$generation" } | select(span.token.index, span.phase, duration)',
+                    "query": '{ name="step" && (span.generation.id=~"$generation" || span.step.sequence.generation_ids=~"$generation") } | select(span.step.index, span.step.phase, span.step.sequences, duration)',
                     "limit": 20,
                     "refId": "A",
                 }
@@ -104,8 +107,8 @@ def build() -> dict[str, Any]:
             "list": [
                 {"name": "prometheus", "type": "datasource", "query": "prometheus"},
                 {"name": "tempo", "type": "datasource", "query": "tempo"},
-                {"name": "model", "type": "query", "datasource": {"type": "prometheus", "uid": "${prometheus}"}, "query": f"label_values({mn.TOKENS.prometheus}, model)", "includeAll": True, "multi": True},
-                {"name": "instance", "type": "query", "datasource": {"type": "prometheus", "uid": "${prometheus}"}, "query": f"label_values({mn.TOKENS.prometheus}, instance)", "includeAll": True, "multi": True},
+                {"name": "model", "type": "query", "datasource": {"type": "prometheus", "uid": "${prometheus}"}, "query": f"label_values({mn.STEPS.prometheus}, model)", "includeAll": True, "multi": True},
+                {"name": "instance", "type": "query", "datasource": {"type": "prometheus", "uid": "${prometheus}"}, "query": f"label_values({mn.STEPS.prometheus}, instance)", "includeAll": True, "multi": True},
                 {"name": "generation", "type": "textbox", "query": ".*", "label": "generation.id"},
             ]
         },

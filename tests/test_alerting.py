@@ -77,7 +77,7 @@ def run_cli(port: int, *flags: str) -> subprocess.Popen:
 
 # Alerts on how fast tokens are: a loaded test host reaches their thresholds (pending or firing)
 # with nothing wrong in the code, so a test about leaks must not count them as false alarms.
-HOST_SPEED_ALERTS = {"TracedOffloadTokenLatencyHigh"}
+HOST_SPEED_ALERTS = {"TracedOffloadDecodeStepLatencyHigh"}
 
 
 def alerts_beyond_host_speed(alerts: list[dict], instance: str) -> list[dict]:
@@ -95,7 +95,7 @@ class TestEndToEnd:
         with prometheus_stack(tmp_path, [normal_target, leak_target]) as stack:
             normal = run_cli(normal_port, "--metrics-linger", "8")
             try:
-                scraped = stack.wait_for(lambda: stack.query(f'tracedoffload_tokens_total{{instance="{normal_target}"}} > 0'), timeout=90)
+                scraped = stack.wait_for(lambda: stack.query(f'tracedoffload_generated_tokens_total{{instance="{normal_target}"}} > 0'), timeout=90)
                 assert scraped, "the normal run's metrics were never scraped"
                 stack.wait_for(lambda: None, timeout=4)  # several 1 s evaluation cycles on its data
                 assert stack.query(f'tracedoffload_leak_suspected{{instance="{normal_target}"}} == 0')

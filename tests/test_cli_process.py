@@ -81,9 +81,9 @@ class TestCtrlC:
         assert "Traceback" not in err
         summary = json.loads(out)
         assert summary["finish_reason"] == "interrupted" and 0 < summary["generated_tokens"] < 100000
-        assert summary["stats"]["tokens"] == summary["generated_tokens"]
+        assert summary["stats"]["generated_tokens"] == summary["stats"]["steps"] == summary["generated_tokens"]
         report = subprocess.run([sys.executable, "-m", "tracedoffload", "report", str(trace), "--json"], capture_output=True, text=True, timeout=300)
-        assert json.loads(report.stdout)["tokens"] == summary["generated_tokens"]
+        assert json.loads(report.stdout)["generated_tokens"] == summary["generated_tokens"]
 
 
 class TestCollectorDown:

@@ -35,14 +35,14 @@ class TestReport:
         path = tmp_path / "run.otlp.jsonl"
         assert_report_equals_live(capsys, path, run_to_file(capsys, path, "--full-detail")["stats"])
 
-    def test_report_lists_the_slowest_tokens_with_trace_ids(self, capsys, tmp_path):
-        """The text report shows the statistics table and the slowest tokens' trace ids."""
+    def test_report_lists_the_slowest_steps_with_trace_ids(self, capsys, tmp_path):
+        """The text report shows the statistics table and the slowest steps' trace ids."""
         path = tmp_path / "run.otlp.jsonl"
         live = run_to_file(capsys, path)["stats"]
         assert main(["report", str(path), "--slowest", "3"]) == 0
         out = capsys.readouterr().out
         assert "offload statistics (from spans)" in out
-        assert live["slowest_tokens"][0]["trace_id"] in out
+        assert live["slowest_steps"][0]["trace_id"] in out
         assert re.search(r"dropped spans +not known from a trace file", out)
 
     def test_missing_file_exits_2(self, capsys, tmp_path):
@@ -62,12 +62,12 @@ class TestReport:
         assert "is a directory" in capsys.readouterr().err
 
     @pytest.mark.parametrize("content", ["", "{}\n", '{"resourceSpans": []}\n'])
-    def test_a_file_without_token_spans_exits_2(self, capsys, tmp_path, content):
-        """An empty file, or one with no token spans, has no statistics to report: an error, not zeros."""
+    def test_a_file_without_step_spans_exits_2(self, capsys, tmp_path, content):
+        """An empty file, or one with no step spans, has no statistics to report: an error, not zeros."""
         path = tmp_path / "empty.jsonl"
         path.write_text(content)
         assert main(["report", str(path)]) == 2
-        assert "holds no token spans" in capsys.readouterr().err
+        assert "holds no step spans" in capsys.readouterr().err
 
     def test_a_generation_level_trace_says_which_level_is_needed(self, capsys, tmp_path):
         path = tmp_path / "run.otlp.jsonl"
@@ -78,19 +78,19 @@ class TestReport:
     @pytest.mark.parametrize(
         "attribute",
         [
-            {"key": "token.layers.compute_ns", "value": {"arrayValue": {"values": [{"stringValue": "x"}]}}},
-            {"key": "token.layers.compute_ns", "value": {"intValue": "5"}},
-            {"key": "token.compute_ns", "value": {"arrayValue": {"values": [{"intValue": "1"}]}}},
-            {"key": "token.index", "value": {"arrayValue": {"values": []}}},
-            {"key": "token.compute_ns", "value": {"doubleValue": "Infinity"}},
-            {"key": "token.payload", "value": {"bytesValue": "not base64!"}},
-            {"key": "token.index", "value": {"intValue": "five"}},
+            {"key": "step.layers.compute_ns", "value": {"arrayValue": {"values": [{"stringValue": "x"}]}}},
+            {"key": "step.layers.compute_ns", "value": {"intValue": "5"}},
+            {"key": "step.compute_ns", "value": {"arrayValue": {"values": [{"intValue": "1"}]}}},
+            {"key": "step.index", "value": {"arrayValue": {"values": []}}},
+            {"key": "step.compute_ns", "value": {"doubleValue": "Infinity"}},
+            {"key": "step.payload", "value": {"bytesValue": "not base64!"}},
+            {"key": "step.index", "value": {"intValue": "five"}},
         ],
     )
-    def test_token_spans_with_wrongly_typed_attributes_exit_2(self, capsys, tmp_path, attribute):
-        """A token span whose figures have the wrong types is refused with one line, no traceback."""
+    def test_step_spans_with_wrongly_typed_attributes_exit_2(self, capsys, tmp_path, attribute):
+        """A step span whose figures have the wrong types is refused with one line, no traceback."""
         span = {
-            "traceId": "0" * 31 + "1", "spanId": "0" * 15 + "2", "name": "token",
+            "traceId": "0" * 31 + "1", "spanId": "0" * 15 + "2", "name": "step",
             "startTimeUnixNano": "1000", "endTimeUnixNano": "2000", "attributes": [attribute],
         }
         line = {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"scope": {"name": "t"}, "spans": [span]}]}]}
@@ -104,7 +104,7 @@ class TestReport:
 
     def test_a_malformed_trace_id_is_named(self, capsys, tmp_path):
         """An id that is neither hex nor base64 is named with the line, not a bare decoder error."""
-        span = {"traceId": "zz", "spanId": "0" * 15 + "2", "name": "token", "startTimeUnixNano": "1", "endTimeUnixNano": "2"}
+        span = {"traceId": "zz", "spanId": "0" * 15 + "2", "name": "step", "startTimeUnixNano": "1", "endTimeUnixNano": "2"}
         line = {"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}
         path = tmp_path / "ids.jsonl"
         path.write_text(json.dumps(line) + "\n")
@@ -118,4 +118,4 @@ class TestReport:
         assert main(["run", "--model", "random", "--max-new-tokens", "12", "--json", "--no-progress", "--trace-file", str(path)]) == 0
         capsys.readouterr()
         assert main(["report", str(path), "--slowest", "12"]) == 0
-        assert len(re.findall(r"token +\d+ +(?:prefill|decode) +trace [0-9a-f]{32}", capsys.readouterr().out)) == 12
+        assert len(re.findall(r"step +\d+ +(?:prefill|decode) +x1 +trace [0-9a-f]{32}", capsys.readouterr().out)) == 12

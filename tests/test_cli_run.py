@@ -51,7 +51,7 @@ class TestRunCommand:
         assert (len(summary["resident_layers"]), len(summary["offloaded_layers"])) == (12, 16)
         assert summary["device_pool_bytes"] > 0
         stats = summary["stats"]
-        assert stats["tokens"] == 4 and (stats["gpu_layers"], stats["cpu_layers"]) == (12, 16)
+        assert stats["steps"] == stats["generated_tokens"] == 4 and (stats["gpu_layers"], stats["cpu_layers"]) == (12, 16)
         assert stats["bytes_transferred"] == sum(row["bytes"] for row in stats["per_layer"].values()) > 0
         assert stats["time_breakdown"]["cpu_to_gpu_transfer_ms"] > 0 and stats["time_breakdown"]["pure_computation_ms"] > 0
         assert 0.0 < stats["prefetched_share"] <= 1.0

@@ -116,7 +116,7 @@ class TestTraceFileReuse:
         assert main([*flags, "--append"]) == 0
         capsys.readouterr()
         assert main(["report", str(path), "--json"]) == 0
-        assert json.loads(capsys.readouterr().out)["tokens"] == 6
+        assert json.loads(capsys.readouterr().out)["steps"] == 6
 
 
 class TestTelemetryEnvironment:
@@ -130,7 +130,7 @@ class TestTelemetryEnvironment:
         captured = capsys.readouterr()
         summary = json.loads(captured.out)
         assert summary["trace_file"] is None and not (tmp_path / "traces").exists()
-        assert summary["stats"]["tokens"] == 3 and summary["stats"]["dropped_spans"] == 0
+        assert summary["stats"]["steps"] == 3 and summary["stats"]["dropped_spans"] == 0
 
     def test_console_traces_exporter_writes_spans_to_stderr(self, capsys, clean_otel_env):
         """OTEL_TRACES_EXPORTER=console prints each span (the SDK's console exporter) on stderr,
@@ -139,7 +139,7 @@ class TestTelemetryEnvironment:
         assert main(["run", "--model", "random", "--max-new-tokens", "2", "--json", "--no-progress", "--no-trace-file"]) == 0
         captured = capsys.readouterr()
         assert json.loads(captured.out)["generated_tokens"] == 2
-        assert '"name": "token"' in captured.err
+        assert '"name": "step"' in captured.err
     def test_traces_exporter_none_turns_otlp_off(self, capsys, clean_otel_env):
         """OTEL_TRACES_EXPORTER=none wins over an endpoint: nothing is sent, so nothing is dropped."""
         clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
@@ -172,11 +172,11 @@ class TestTerminalOutput:
         """The bar counts to --max-new-tokens; profiling summaries and later log lines start on their own line."""
         assert main(["run", "--model", "random", "--max-new-tokens", "4", "--no-trace-file", "--progress", "--profile-every", "2"]) == 0
         err = capsys.readouterr().err
-        bars = re.findall(r"\] (\d+)/(\d+) steps", err)
+        bars = re.findall(r"\] (\d+)/(\d+) tokens", err)
         assert bars and {total for _, total in bars} == {"4"}
         assert bars[-1][0] == "4"
         for line in err.splitlines():
-            if "steps/s" in line:  # the bar's own line: only bar redraws on it
-                assert line.replace("\r", "").startswith("[") and line.endswith("steps/s")
+            if "tokens/s" in line:  # the bar's own line: only bar redraws on it
+                assert line.replace("\r", "").startswith("[") and line.endswith("tokens/s")
         assert err.count("\nprofiling summary") == 2
         assert re.search(r"\n\S+ \[info\s*\] offload\.detached", err)

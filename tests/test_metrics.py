@@ -16,6 +16,7 @@ from tracedoffload.metrics import OffloadMetrics, check_port_free, serve_metrics
 from tracedoffload.memory.monitor import MemoryMonitor
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from tests.tracing.conftest import tiny_model
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -27,30 +28,68 @@ def scrape(port: int) -> str:
         return response.read().decode()
 
 
-@pytest.fixture
+class FailingExporter(SpanExporter):
+    """An exporter whose every export fails: the only way to make spans drop on purpose."""
+
+    def export(self, spans):
+        return SpanExportResult.FAILURE
+
+    def shutdown(self):
+        pass
+
+
+@pytest.fixture(scope="module")
 def served_run():
-    """A traced tiny-model generation recording metrics into a fresh registry served on loopback."""
+    """A traced tiny-model generation (5 new tokens, one generation) recording metrics into a
+    fresh registry served on loopback, its spans sent to an exporter that fails."""
     registry = CollectorRegistry()
     metrics = OffloadMetrics("tiny", registry=registry)
     server, port = serve_metrics(registry, 0)
     model = tiny_model()
     offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
-    session = TracingSession([], policy=SamplingPolicy(level="token"))
+    session = TracingSession([FailingExporter()], policy=SamplingPolicy(level="token"))
     session.monitor_memory(MemoryMonitor(offloader, 1024, metrics=metrics))
-    session.add_token_listener(
-        lambda timing, stats: metrics.token(
-            timing.duration_ns, "decode", timing.payload.trace_id, timing.payload.span_id,
-            [(r.kind, e - s) for r, s, e in zip(timing.payload.records, timing.starts, timing.ends)], timing.sums["token.transfer_bytes"],
-        )
-    )
+    metrics.subscribe(session)
     session.attach(offloader)
-    with torch.inference_mode(), session.generation("tiny", 5):
+    with torch.inference_mode(), session.generation("tiny", 5) as handle:
         model.generate(torch.arange(5).unsqueeze(0), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+        handle.output_tokens = 5
     session.shutdown(5)
+    metrics.spans_dropped(session.dropped_spans)  # as a run does at its end
     offloader.detach()
     yield scrape(port), session
     server.shutdown()
     server.server_close()
+
+
+# What a CPU run records, metric by metric: each must hold the run's values. The rest cannot be
+# read without a GPU (absent, never a fake 0: see test_device_readings_are_absent_not_zero_on_cpu).
+def expected_on_cpu(stats: dict) -> dict:
+    return {
+        mn.STEPS: [((), 5)],
+        mn.GENERATED_TOKENS: [((), 5)],
+        mn.STEP_LATENCY: [(("_count", {"phase": "prefill"}), 1), (("_count", {"phase": "decode"}), 4)],
+        mn.TIME_TO_FIRST_TOKEN: [(("_count",), 1)],
+        mn.TIME_PER_OUTPUT_TOKEN: [(("_count",), 1)],
+        mn.REQUEST_DURATION: [(("_count",), 1)],
+        mn.BYTES_COPIED: [((), stats["bytes_transferred"])],
+        mn.LAYER_TRANSFER: [(("_count",), lambda n: 5 * stats["cpu_layers"] <= n <= 6 * stats["cpu_layers"])],
+        mn.LAYER_COMPUTE: [(("_count",), 5 * (stats["cpu_layers"] + stats["gpu_layers"]))],
+        mn.SPANS_DROPPED: [((), lambda n: n == stats["dropped_spans"] > 0)],
+        mn.PROCESS_RSS: [((), lambda n: n > 0)],
+        mn.PINNED_HOST: [((), 0)],  # no pinning on a CPU device
+        mn.QUIET_POINT: [(("", {"source": "host"}), lambda n: n > 0)],
+        mn.LEAK_SUSPECTED: [(("", {"source": "host"}), 0)],
+        mn.LEAK_BYTES_PER_STEP: [(("", {"source": "host"}), 0)],
+        mn.KV_TOKENS: [((), 9)],  # the 5-token prompt and the 4 tokens fed back after it
+        mn.KV_EXPECTED: [((), 1024)],
+    }
+
+
+NOT_ON_CPU = {
+    mn.GPU_MEMORY_USAGE, mn.GPU_MEMORY_LIMIT, mn.GPU_PROCESS_MEMORY,  # NVML
+    mn.CUDA_ALLOCATED, mn.CUDA_RESERVED, mn.CUDA_PEAK, mn.ALLOC_RETRIES, mn.OOMS,  # the CUDA caching allocator
+}
 
 
 def samples(text: str) -> dict[str, list]:
@@ -71,33 +110,36 @@ def value(found: dict[str, list], name: str, **labels: str) -> float:
 
 
 class TestExposition:
-    def test_cpu_series_are_recorded_with_the_run_s_values(self, served_run):
-        """Every metric a CPU run records holds that run's values under its names.py name, not
-        only a registered name: 5 tokens counted and observed, bytes copied, memory read."""
+    def test_every_documented_metric_is_accounted_for(self):
+        """Each metric of names.py is either checked below for a CPU run's values or listed as
+        readable only with a GPU: a metric registered and never recorded cannot hide."""
+        checked = set(expected_on_cpu({"bytes_transferred": 0, "cpu_layers": 0, "gpu_layers": 0, "dropped_spans": 0}))
+        assert checked | NOT_ON_CPU == set(mn.ALL) and not checked & NOT_ON_CPU
+
+    def test_every_cpu_series_holds_the_run_s_values(self, served_run):
+        """Every metric a CPU run records holds that run's values under its names.py name, sample
+        by sample: 5 steps (1 prefill, 4 decode), 5 new tokens, one generation's duration, time
+        to first token and time per output token, the bytes the spans counted, 9 KV tokens."""
         text, session = served_run
         found = samples(text)
         stats = session.snapshot()
-        assert value(found, mn.TOKENS.prometheus) == 5
-        assert value(found, mn.TOKEN_LATENCY.prometheus + "_count") == 5
-        assert value(found, mn.TIME_PER_OUTPUT_TOKEN.prometheus + "_count") == 5
-        assert value(found, mn.BYTES_COPIED.prometheus) == stats["bytes_transferred"] > 0
-        # One copy per offloaded layer per token, and on the first token an on-demand load while
-        # the execution order is learned.
-        assert 5 * stats["cpu_layers"] <= value(found, mn.LAYER_TRANSFER.prometheus + "_count") <= 6 * stats["cpu_layers"]
-        assert value(found, mn.LAYER_COMPUTE.prometheus + "_count") == 5 * (stats["cpu_layers"] + stats["gpu_layers"])
-        assert value(found, mn.PROCESS_RSS.prometheus) > 0
-        assert value(found, mn.PINNED_HOST.prometheus) == 0  # no pinning on a CPU device
-        assert value(found, mn.QUIET_POINT.prometheus, source="host") > 0
-        assert value(found, mn.LEAK_SUSPECTED.prometheus, source="host") == 0
-        assert value(found, mn.KV_EXPECTED.prometheus) == 1024
+        for metric, checks in expected_on_cpu(stats).items():
+            for (suffix_and_labels, expected) in checks:
+                suffix = suffix_and_labels[0] if suffix_and_labels else ""
+                labels = suffix_and_labels[1] if len(suffix_and_labels) > 1 else {}
+                got = value(found, metric.prometheus + suffix, **labels)
+                assert expected(got) if callable(expected) else got == expected, (metric.prometheus + suffix, labels, got)
+        assert stats["bytes_transferred"] > 0
 
     def test_latency_buckets_carry_trace_id_exemplars(self, served_run):
-        """Token latency buckets carry exemplars whose trace_id is one of the run's token traces."""
+        """Step latency buckets carry exemplars whose trace_id is one of the run's step traces; the
+        request's latencies carry its generation's trace id."""
         text, session = served_run
-        exemplar_lines = [line for line in text.splitlines() if line.startswith(mn.TOKEN_LATENCY.prometheus + "_bucket") and "trace_id" in line]
-        assert exemplar_lines
-        trace_id = exemplar_lines[0].split('trace_id="')[1][:32]
-        assert len(trace_id) == 32 and int(trace_id, 16) > 0
+        for metric in (mn.STEP_LATENCY, mn.REQUEST_DURATION, mn.TIME_TO_FIRST_TOKEN):
+            exemplar_lines = [line for line in text.splitlines() if line.startswith(metric.prometheus + "_bucket") and "trace_id" in line]
+            assert exemplar_lines, metric.prometheus
+            trace_id = exemplar_lines[0].split('trace_id="')[1][:32]
+            assert len(trace_id) == 32 and int(trace_id, 16) > 0
 
     def test_device_readings_are_absent_not_zero_on_cpu(self, served_run):
         """Without a GPU the device memory series are not exposed at all (no fake zeros)."""
@@ -129,25 +171,31 @@ class TestPort:
 
 
 class TestOpenTelemetryInstruments:
-    def test_token_latency_reaches_the_otel_sdk_with_a_trace_exemplar(self):
-        """The same recording reaches OpenTelemetry instruments, the latency with the token's trace id as exemplar."""
+    def test_a_traced_run_reaches_the_otel_sdk_with_trace_exemplars(self):
+        """The same recording reaches OpenTelemetry instruments: step latency with the step's
+        trace id as exemplar, the request's duration with its generation's."""
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
         reader = InMemoryMetricReader()
         metrics = OffloadMetrics("tiny", registry=CollectorRegistry(), meter_provider=MeterProvider(metric_readers=[reader]))
-        trace_id, span_id = 0x1234567890ABCDEF1234567890ABCDEF, 0x1122334455667788
-        metrics.token(20_000_000, "decode", trace_id, span_id, [("transfer", 300_000), ("compute", 900_000)], 4096)
-        found = {
-            m.name: m
-            for rm in reader.get_metrics_data().resource_metrics
-            for sm in rm.scope_metrics
-            for m in sm.metrics
-        }
-        assert {mn.TOKEN_LATENCY.otel, mn.LAYER_TRANSFER.otel, mn.LAYER_COMPUTE.otel, mn.BYTES_COPIED.otel} <= set(found)
-        point = found[mn.TOKEN_LATENCY.otel].data.data_points[0]
-        assert point.sum == 0.02
-        assert any(e.trace_id == trace_id for e in point.exemplars)
+        model = tiny_model()
+        offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
+        session = TracingSession([], policy=SamplingPolicy(level="token"))
+        metrics.subscribe(session)
+        session.attach(offloader)
+        with torch.inference_mode(), session.generation("tiny", 5) as handle:
+            model.generate(torch.arange(5).unsqueeze(0), max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+            handle.output_tokens = 3
+        session.shutdown(5)
+        offloader.detach()
+        found = {m.name: m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+        assert {mn.STEP_LATENCY.otel, mn.LAYER_TRANSFER.otel, mn.LAYER_COMPUTE.otel, mn.BYTES_COPIED.otel, mn.REQUEST_DURATION.otel} <= set(found)
+        steps = found[mn.STEP_LATENCY.otel].data.data_points
+        assert sum(p.count for p in steps) == 3
+        assert all(p.exemplars and p.exemplars[0].trace_id for p in steps)
+        (request,) = found[mn.REQUEST_DURATION.otel].data.data_points
+        assert request.count == 1 and request.exemplars[0].trace_id == handle.span_context.trace_id
 
 
 class TestRunCommandMetrics:
@@ -177,7 +225,7 @@ class TestRunCommandMetrics:
                 time.sleep(0.2)
             assert value(found, mn.REQUEST_DURATION.prometheus + "_count") == 1
             assert value(found, mn.REQUEST_DURATION.prometheus + "_sum") > 0
-            assert value(found, mn.TOKENS.prometheus) == 4
+            assert value(found, mn.GENERATED_TOKENS.prometheus) == 4
         finally:
             process.kill()
             process.wait(30)

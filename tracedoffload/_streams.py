@@ -1,8 +1,9 @@
 """Where copies run and how their ordering is enforced: CUDA streams and events, or the CPU mirror.
 
-Both classes expose the same five operations, so the offloader has one code path:
+Both classes expose the same operations, so the offloader has one code path:
 
-- `mark()`: a timing marker on the compute stream (a pooled CUDA event, or host-clock ns on CPU);
+- `clock.mark()`: a timing marker on the compute stream (a pooled CUDA event, or host-clock ns on
+  CPU; see `_clocks.py`, which also reads them back);
 - `copy(dst, src, slot)`: copy a layer into a device slot after the slot's last reader is done,
   returning the copy's start and end markers;
 - `wait_ready(slot)`: make the compute stream wait for the slot's copy (no host synchronize);
@@ -12,11 +13,12 @@ Both classes expose the same five operations, so the offloader has one code path
 
 from __future__ import annotations
 
-import collections
 import time
 from typing import Any
 
 import torch
+
+from tracedoffload._clocks import CudaClock, HostClock
 
 Marker = Any  # int nanoseconds on the CPU path, a torch.cuda.Event on the CUDA path
 
@@ -39,12 +41,10 @@ class CpuStreams:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.clock = HostClock()
 
     def new_fences(self) -> SlotFences:
         return SlotFences()
-
-    def mark(self) -> int:
-        return time.perf_counter_ns()
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, fences: SlotFences, timed: bool = True) -> tuple[int | None, int | None]:
         if not timed:
@@ -60,9 +60,6 @@ class CpuStreams:
     def record_free(self, fences: SlotFences) -> None:
         """Nothing to record: CPU kernels have finished when the layer's forward returns."""
 
-    def recycle(self, markers: list[Marker]) -> None:
-        """Host-clock markers are plain integers; nothing to give back."""
-
     def synchronize(self) -> None:
         """Nothing is in flight on the CPU path."""
 
@@ -70,8 +67,8 @@ class CpuStreams:
 class CudaStreams:
     """Copies on a dedicated side stream, ordered against the compute stream by events only.
 
-    Threading: driven from the thread that runs the model; `recycle` may be called from a
-    telemetry thread once it has read the events' times.
+    Threading: driven from the thread that runs the model; the clock's `recycle` may be called
+    from a telemetry thread once it has read the events' times.
     """
 
     kind = "cuda"
@@ -80,18 +77,11 @@ class CudaStreams:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.copy_stream = torch.cuda.Stream(device=device)
-        # Timing events are pooled: creating a CUDA event per layer per token would cost a driver
-        # call each time. deque append/pop are atomic, so a telemetry thread can return them.
-        self._events: collections.deque[torch.cuda.Event] = collections.deque()
+        self.clock = CudaClock(device)
 
     def new_fences(self) -> SlotFences:
         # Fences are never timed; events without timing are cheaper to record and wait on.
         return SlotFences(ready=torch.cuda.Event(), free=torch.cuda.Event())
-
-    def mark(self) -> torch.cuda.Event:
-        event = self._timing_event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
 
     def copy(
         self, dst: torch.Tensor, src: torch.Tensor, fences: SlotFences, timed: bool = True
@@ -102,13 +92,11 @@ class CudaStreams:
         stream.wait_event(fences.free)
         start = end = None
         if timed:
-            start = self._timing_event()
-            start.record(stream)
+            start = self.clock.mark_on(stream)
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
         if timed:
-            end = self._timing_event()
-            end.record(stream)
+            end = self.clock.mark_on(stream)
         fences.ready.record(stream)  # a fence, not a timer: always recorded
         return start, end
 
@@ -118,18 +106,9 @@ class CudaStreams:
     def record_free(self, fences: SlotFences) -> None:
         fences.free.record(torch.cuda.current_stream(self.device))
 
-    def recycle(self, markers: list[Marker]) -> None:
-        self._events.extend(markers)
-
     def synchronize(self) -> None:
         self.copy_stream.synchronize()
         torch.cuda.current_stream(self.device).synchronize()
-
-    def _timing_event(self) -> torch.cuda.Event:
-        try:
-            return self._events.pop()
-        except IndexError:
-            return torch.cuda.Event(enable_timing=True)
 
 
 def streams_for(device: torch.device) -> CpuStreams | CudaStreams:

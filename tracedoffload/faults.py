@@ -2,7 +2,7 @@
 
 - "host" reproduces seed 003's leak: every transfer makes a fresh pinned copy of the layer's host
   buffer and keeps it (a plain host copy where pinning is unavailable, e.g. without CUDA).
-- "device" keeps one tensor per token on the compute device (in host memory on a CPU device).
+- "device" keeps one tensor per step on the compute device (in host memory on a CPU device).
 
 Injected as a `Timeline` wrapper, the outermost one, so it sees every transfer and step end.
 Never use outside a test or a drill: the memory is only given back by `release()`.
@@ -21,19 +21,19 @@ if TYPE_CHECKING:
     from tracedoffload.offloader import Offloader
 
 LEAK_KINDS = ("host", "device")
-DEVICE_LEAK_BYTES_PER_TOKEN = 2 << 20
+DEVICE_LEAK_BYTES_PER_STEP = 2 << 20
 
 
 class LeakInjector(Timeline):
     """Forwards every boundary to `inner` after leaking on purpose."""
 
-    def __init__(self, inner: Timeline, offloader: Offloader, kind: str, device_bytes_per_token: int = DEVICE_LEAK_BYTES_PER_TOKEN) -> None:
+    def __init__(self, inner: Timeline, offloader: Offloader, kind: str, device_bytes_per_step: int = DEVICE_LEAK_BYTES_PER_STEP) -> None:
         if kind not in LEAK_KINDS:
             raise ConfigError("inject_leak", kind, f"one of {list(LEAK_KINDS)}")
         self.inner = inner
         self.offloader = offloader
         self.kind = kind
-        self.device_bytes_per_token = device_bytes_per_token
+        self.device_bytes_per_step = device_bytes_per_step
         import torch  # here, not at the top: the command line reads LEAK_KINDS without torch
 
         self._pin = torch.cuda.is_available()
@@ -43,8 +43,8 @@ class LeakInjector(Timeline):
     def leaked_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kept)
 
-    def step_begin(self, marker: object) -> None:
-        self.inner.step_begin(marker)
+    def step_begin(self, marker: object, rows: int = 1, length: int = 1) -> None:
+        self.inner.step_begin(marker, rows, length)
 
     def layer(self, record: LayerRecord) -> None:
         if self.kind == "host" and record.kind == TRANSFER:
@@ -57,7 +57,7 @@ class LeakInjector(Timeline):
             import torch
 
             # Filled, not just allocated: untouched pages would not count in RSS on a CPU device.
-            self.kept.append(torch.ones(self.device_bytes_per_token, dtype=torch.uint8, device=self.offloader.device))
+            self.kept.append(torch.ones(self.device_bytes_per_step, dtype=torch.uint8, device=self.offloader.device))
         self.inner.step_end(marker)
 
     def release(self) -> None:

@@ -103,7 +103,7 @@ def generate_once(
     encoded = encode_prompt(tokenizer, prompt, system=system, raw=raw)
     input_ids = encoded["input_ids"].to(device)
     attention_mask = encoded["attention_mask"].to(device)
-    stop_ids = set() if ignore_eos else _eos_ids(model)
+    stop_ids = set() if ignore_eos else eos_ids(model)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     limits: dict[str, Any] = {"eos_token_id": sorted(stop_ids) or None}
     if ignore_eos:
@@ -163,7 +163,7 @@ class StopOnInterrupt(StoppingCriteria):
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _eos_ids(model: torch.nn.Module) -> set[int]:
+def eos_ids(model: torch.nn.Module) -> set[int]:
     """The ids that end a generation: the model's generation config's, as transformers reads them."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:

@@ -1,18 +1,19 @@
-"""Metrics: each token's figures recorded to OpenTelemetry instruments (exported over OTLP when a
-reader is configured) and to a Prometheus registry (served on /metrics, with exemplars).
+"""Metrics: each step's and each generation's figures recorded to OpenTelemetry instruments
+(exported over OTLP when a reader is configured) and to a Prometheus registry (served on /metrics,
+with exemplars).
 
 Two sinks because each does what the other cannot here: the OTel SDK exports OTLP metrics, and
-prometheus_client exposes exemplars carrying the token's trace id in the OpenMetrics format, so a
-Grafana panel jumps from a slow point to its trace. Names come from `tracedoffload.names`.
+prometheus_client exposes exemplars carrying the step's (or the generation's) trace id in the
+OpenMetrics format, so a Grafana panel jumps from a slow point to its trace. Names come from
+`tracedoffload.names`. `OffloadMetrics.subscribe(session)` has a tracing session feed it.
 Threading: recorded from the telemetry thread; the HTTP server runs on its own daemon thread.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -24,11 +25,19 @@ from tracedoffload.memory.leak import LeakAlert
 from tracedoffload.memory.probe import MemoryDetails, QuietPoint
 from tracedoffload.timeline import COMPUTE, TRANSFER
 
+if TYPE_CHECKING:
+    from tracedoffload.tracing.generations import GenerationResult
+    from tracedoffload.tracing.session import TracingSession
+    from tracedoffload.tracing.step_spans import StepTiming
+
 # Layer operations take tens of microseconds to tens of milliseconds: buckets start below 100 us
 # (the Collector's spanmetrics default starts at 2 ms and would put every layer in one bucket).
 LAYER_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3)
-TOKEN_BUCKETS_S = (5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0)
-REQUEST_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STEP_BUCKETS_S = (5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0)
+# The GenAI semantic conventions' recommended buckets (gen_ai.server.*).
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+REQUEST_BUCKETS_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
 class OffloadMetrics:
@@ -48,16 +57,16 @@ class OffloadMetrics:
         self._prom: dict[str, Any] = {}
         self._otel: dict[str, Any] = {}
         for name, labels, buckets in (
-            (mn.TOKEN_LATENCY, phase_labels, TOKEN_BUCKETS_S),
-            (mn.TIME_TO_FIRST_TOKEN, [mn.LABEL_MODEL], TOKEN_BUCKETS_S),
-            (mn.TIME_PER_OUTPUT_TOKEN, [mn.LABEL_MODEL], TOKEN_BUCKETS_S),
+            (mn.STEP_LATENCY, phase_labels, STEP_BUCKETS_S),
+            (mn.TIME_TO_FIRST_TOKEN, [mn.LABEL_MODEL], TTFT_BUCKETS_S),
+            (mn.TIME_PER_OUTPUT_TOKEN, [mn.LABEL_MODEL], TPOT_BUCKETS_S),
             (mn.REQUEST_DURATION, [mn.LABEL_MODEL], REQUEST_BUCKETS_S),
             (mn.LAYER_TRANSFER, [mn.LABEL_MODEL], LAYER_BUCKETS_S),
             (mn.LAYER_COMPUTE, [mn.LABEL_MODEL], LAYER_BUCKETS_S),
         ):
             self._prom[name.otel] = Histogram(name.prometheus, name.description, labels, buckets=buckets, registry=self.registry)
             self._otel[name.otel] = meter.create_histogram(name.otel, unit=name.unit, description=name.description, explicit_bucket_boundaries_advisory=buckets)
-        for name in (mn.BYTES_COPIED, mn.TOKENS, mn.SPANS_DROPPED, mn.ALLOC_RETRIES, mn.OOMS):
+        for name in (mn.BYTES_COPIED, mn.STEPS, mn.GENERATED_TOKENS, mn.SPANS_DROPPED, mn.ALLOC_RETRIES, mn.OOMS):
             self._prom[name.otel] = Counter(name.prometheus.removesuffix("_total"), name.description, [mn.LABEL_MODEL], registry=self.registry)
             self._otel[name.otel] = meter.create_counter(name.otel, unit=name.unit, description=name.description)
             # Exposed at 0 from the start, so increase() has a first sample to measure from.
@@ -73,7 +82,8 @@ class OffloadMetrics:
             (mn.PINNED_HOST, [mn.LABEL_MODEL]),
             (mn.QUIET_POINT, [mn.LABEL_MODEL, mn.LABEL_SOURCE]),
             (mn.LEAK_SUSPECTED, [mn.LABEL_MODEL, mn.LABEL_SOURCE]),
-            (mn.LEAK_BYTES_PER_TOKEN, [mn.LABEL_MODEL, mn.LABEL_SOURCE]),
+            (mn.LEAK_BYTES_PER_STEP, [mn.LABEL_MODEL, mn.LABEL_SOURCE]),
+            (mn.KV_TOKENS, [mn.LABEL_MODEL]),
             (mn.KV_EXPECTED, [mn.LABEL_MODEL]),
         ):
             self._prom[name.otel] = Gauge(name.prometheus, name.description, labels, registry=self.registry)
@@ -82,34 +92,51 @@ class OffloadMetrics:
 
     # -- recording (telemetry thread) -------------------------------------------------------------
 
-    def token(self, duration_ns: int, phase: str, trace_id: int, span_id: int, layer_durations: list[tuple[str, int]], transfer_bytes: int) -> None:
-        """One token: its latency (with the trace id as exemplar), its layers' (kind, ns), its bytes."""
-        seconds = duration_ns / 1e9
-        exemplar = {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}
-        ctx = otel_context.Context() if not trace_id else trace.set_span_in_context(
-            NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
-        )
-        self._observe(mn.TOKEN_LATENCY, seconds, {mn.LABEL_PHASE: phase}, exemplar, ctx)
-        self._observe(mn.TIME_TO_FIRST_TOKEN if phase == "prefill" else mn.TIME_PER_OUTPUT_TOKEN, seconds, {}, exemplar, ctx)
+    def subscribe(self, session: TracingSession) -> None:
+        """Record every step and every generation `session` traces from now on."""
+        session.add_step_listener(lambda timing, stats: self.step(timing))
+        session.add_generation_listener(self.generation)
+
+    def step(self, timing: StepTiming) -> None:
+        """One forward: its latency by phase (exemplar: the step's trace), its layers, its bytes,
+        the new tokens it produced and the KV tokens held after it."""
+        from tracedoffload.tracing.step_spans import step_phase
+
+        payload = timing.payload
+        seconds = timing.duration_ns / 1e9
+        exemplar, ctx = _exemplar(payload.trace_id, payload.span_id)
+        self._observe(mn.STEP_LATENCY, seconds, {mn.LABEL_PHASE: step_phase(payload.sequences)}, exemplar, ctx)
         transfer_hist, compute_hist = self._prom[mn.LAYER_TRANSFER.otel].labels(self.model), self._prom[mn.LAYER_COMPUTE.otel].labels(self.model)
         otel_transfer, otel_compute = self._otel[mn.LAYER_TRANSFER.otel], self._otel[mn.LAYER_COMPUTE.otel]
         attributes = {mn.LABEL_MODEL: self.model}
-        for kind, duration in layer_durations:
-            if kind == TRANSFER:
-                transfer_hist.observe(duration / 1e9)
-                otel_transfer.record(duration / 1e9, attributes)
-            elif kind == COMPUTE:
-                compute_hist.observe(duration / 1e9)
-                otel_compute.record(duration / 1e9, attributes)
-        self._add(mn.BYTES_COPIED, transfer_bytes)
-        self._add(mn.TOKENS, 1)
+        for record, start, end in zip(payload.records, timing.starts, timing.ends):
+            if record.kind == TRANSFER:
+                transfer_hist.observe((end - start) / 1e9)
+                otel_transfer.record((end - start) / 1e9, attributes)
+            elif record.kind == COMPUTE:
+                compute_hist.observe((end - start) / 1e9)
+                otel_compute.record((end - start) / 1e9, attributes)
+        self._add(mn.BYTES_COPIED, timing.sums[mn.STEP_TRANSFER_BYTES])
+        self._add(mn.STEPS, 1)
+        self._add(mn.GENERATED_TOKENS, sum(s.generated for s in payload.sequences))
+        self._set(mn.KV_TOKENS, payload.kv_tokens)
 
-    def generation(self, duration_s: float) -> None:
-        self._observe(mn.REQUEST_DURATION, duration_s, {}, None, None)
+    def generation(self, result: GenerationResult) -> None:
+        """One finished generation: its duration, time to first token and time per output token
+        (exemplar: the generation's trace)."""
+        context = result.span_context
+        exemplar, ctx = _exemplar(context.trace_id, context.span_id) if context is not None else (None, None)
+        self._observe(mn.REQUEST_DURATION, result.duration_s, {}, exemplar, ctx)
+        if result.time_to_first_token_s is not None:
+            self._observe(mn.TIME_TO_FIRST_TOKEN, result.time_to_first_token_s, {}, exemplar, ctx)
+        if result.time_per_output_token_s is not None:
+            self._observe(mn.TIME_PER_OUTPUT_TOKEN, result.time_per_output_token_s, {}, exemplar, ctx)
 
-    def memory(self, quiet: QuietPoint | None, details: MemoryDetails | None, pinned_bytes: int, device: str) -> None:
+    def memory(self, quiet: QuietPoint | None, details: MemoryDetails | None, pinned_bytes: int, device: str, kv_tokens: int | None = None) -> None:
         """Gauges for what was read; absent readings leave their series unset (never a fake 0)."""
         self._set(mn.PINNED_HOST, pinned_bytes)
+        if kv_tokens is not None:
+            self._set(mn.KV_TOKENS, kv_tokens)
         if quiet is not None:
             if quiet.host_rss_bytes is not None:
                 self._set(mn.PROCESS_RSS, quiet.host_rss_bytes)
@@ -132,7 +159,7 @@ class OffloadMetrics:
     def leak(self, source: str, alert: LeakAlert | None) -> None:
         """The detector's state for one source: suspected (1) with its rate, or clear (0)."""
         self._set(mn.LEAK_SUSPECTED, 1 if alert else 0, {mn.LABEL_SOURCE: source})
-        self._set(mn.LEAK_BYTES_PER_TOKEN, alert.bytes_per_token if alert else 0, {mn.LABEL_SOURCE: source})
+        self._set(mn.LEAK_BYTES_PER_STEP, alert.bytes_per_step if alert else 0, {mn.LABEL_SOURCE: source})
 
     def expected_kv(self, bytes_per_token: int) -> None:
         self._set(mn.KV_EXPECTED, bytes_per_token)
@@ -143,6 +170,8 @@ class OffloadMetrics:
     # -- helpers ----------------------------------------------------------------------------------
 
     def _observe(self, name: mn.MetricName, value: float, labels: dict[str, str], exemplar: dict[str, str] | None, ctx: Any) -> None:
+        """Both sinks; the exemplar goes to Prometheus, the span context (`ctx`) to the SDK's
+        exemplar filter (trace-based by default: recorded in a sampled span's context)."""
         self._prom[name.otel].labels(model=self.model, **labels).observe(value, exemplar)
         self._otel[name.otel].record(value, {mn.LABEL_MODEL: self.model, **labels}, context=ctx)
 
@@ -162,6 +191,13 @@ class OffloadMetrics:
         self._last_counts[name.otel] = total
         if increase > 0:
             self._add(name, increase)
+
+
+def _exemplar(trace_id: int, span_id: int) -> tuple[dict[str, str], Any]:
+    """The Prometheus exemplar labels and the OpenTelemetry context for one span."""
+    labels = {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}
+    ctx = trace.set_span_in_context(NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))))
+    return labels, ctx
 
 
 def check_port_free(port: int, addr: str) -> None:

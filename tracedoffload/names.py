@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 # -- span names -------------------------------------------------------------------------------
-SPAN_TOKEN = "token"  # root of one token's trace: a prefill or decode step
+SPAN_STEP = "step"  # root of one forward pass's trace: the sequences it served and its layers
 SPAN_TRANSFER = "layer.transfer"  # host -> device copy of one offloaded layer
 SPAN_COMPUTE = "layer.compute"  # one decoder layer's forward
 SPAN_RELEASE = "layer.release"  # an offloaded layer's device slot handed back (no copy)
@@ -35,7 +35,7 @@ GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 PROVIDER = "tracedoffload"
 SERVICE_NAME_DEFAULT = "tracedoffload"  # service.name when OTEL_SERVICE_NAME does not set one
 
-# -- offload configuration (generation and token spans) -----------------------------------------------
+# -- offload configuration (generation and step spans) -----------------------------------------------
 OFFLOAD_GPU_LAYERS = "tracedoffload.offload.gpu_layers"
 OFFLOAD_CPU_LAYERS = "tracedoffload.offload.cpu_layers"
 OFFLOAD_PREFETCH = "tracedoffload.offload.prefetch"
@@ -46,38 +46,60 @@ OFFLOAD_OFFLOADED_BYTES = "tracedoffload.offload.offloaded_bytes"
 OFFLOAD_DEVICE_POOL_BYTES = "tracedoffload.offload.device_pool_bytes"
 OFFLOAD_PINNED_BYTES = "tracedoffload.offload.pinned_bytes"
 
-# -- generation and token -----------------------------------------------------------------------
-GENERATION_ID = "generation.id"
-TOKEN_INDEX = "token.index"
-TOKEN_PHASE = "phase"  # PHASE_PREFILL or PHASE_DECODE
-PHASE_PREFILL = "prefill"
-PHASE_DECODE = "decode"
-TOKEN_LAYER_DETAIL = "token.layer_detail"  # True when this token's layer spans were exported
-TOKEN_SAMPLED_BY = "token.sampled_by"  # why: first, slow, relative, every_n, all, none
-# Per-token sums over its layer spans, so totals survive sampled export (see stats.py).
-TOKEN_COMPUTE_NS = "token.compute_ns"
-TOKEN_TRANSFER_NS = "token.transfer_ns"
-TOKEN_RELEASE_NS = "token.release_ns"
-TOKEN_WAIT_NS = "token.wait_ns"
-TOKEN_OVERLAP_NS = "token.overlap_ns"
-TOKEN_TRANSFER_BYTES = "token.transfer_bytes"
-TOKEN_TRANSFERS = "token.transfers"
-TOKEN_PREFETCHED = "token.prefetched_transfers"  # transfers issued ahead of need
-# Per-layer figures of the token, as integer arrays indexed by layer index, so the per-layer
-# breakdown is complete even for tokens whose layer spans were not exported.
-TOKEN_LAYERS_COMPUTE_NS = "token.layers.compute_ns"
-TOKEN_LAYERS_TRANSFER_NS = "token.layers.transfer_ns"
-TOKEN_LAYERS_RELEASE_NS = "token.layers.release_ns"
-TOKEN_LAYERS_WAIT_NS = "token.layers.wait_ns"
-TOKEN_LAYERS_OVERLAP_NS = "token.layers.overlap_ns"
-TOKEN_LAYERS_TRANSFER_BYTES = "token.layers.transfer_bytes"
-TOKEN_LAYER_ARRAYS = (
-    TOKEN_LAYERS_COMPUTE_NS,
-    TOKEN_LAYERS_TRANSFER_NS,
-    TOKEN_LAYERS_RELEASE_NS,
-    TOKEN_LAYERS_WAIT_NS,
-    TOKEN_LAYERS_OVERLAP_NS,
-    TOKEN_LAYERS_TRANSFER_BYTES,
+# -- generation span ---------------------------------------------------------------------------
+GENERATION_ID = "generation.id"  # also on a step that served exactly one generation
+GENERATION_STEPS = "generation.steps"  # forwards that served it (its step events, up to a cap)
+GENERATION_TTFT_NS = "generation.time_to_first_token_ns"  # start to the end of its prefill step
+EVENT_STEP = "tracedoffload.step"  # on the generation span, per step that served it: the way to its step
+EVENT_STEP_TRACE_ID = "step.trace_id"  # 32 hex: open it in Jaeger or Tempo
+EVENT_STEP_SPAN_ID = "step.span_id"
+
+# -- step (one forward pass) ----------------------------------------------------------------------
+STEP_INDEX = "step.index"  # the session's forward count, from 0
+STEP_PHASE = "step.phase"  # one of PHASES, or PHASE_MIXED when its sequences' phases differ
+PHASE_PREFILL = "prefill"  # a whole prompt, or the last chunk of one (its first token is generated)
+PHASE_PREFILL_CHUNK = "prefill_chunk"  # a chunk of a prompt that is not its last (nothing generated)
+PHASE_DECODE = "decode"  # one new token
+PHASE_VERIFY = "verify"  # several tokens checked at once (drafted tokens of speculative decoding)
+PHASE_MIXED = "mixed"  # a step whose sequences are in different phases (continuous batching)
+PHASES = (PHASE_PREFILL, PHASE_PREFILL_CHUNK, PHASE_DECODE, PHASE_VERIFY)
+STEP_SEQUENCES = "step.sequences"  # how many sequences the forward served
+STEP_GENERATIONS = "step.generations"  # how many generations it served (its links are capped)
+STEP_TOKENS = "step.tokens"  # tokens it processed, over all its sequences
+STEP_GENERATED_TOKENS = "step.generated_tokens"  # new tokens it produced, over all its sequences
+STEP_KV_TOKENS = "step.kv_tokens"  # tokens held in KV caches after it, over every live sequence
+STEP_POSITION = "step.position"  # a single-sequence step: the sequence's position (tokens before)
+# A step of several sequences: one entry per sequence, in the same order.
+STEP_SEQUENCE_GENERATION_IDS = "step.sequence.generation_ids"
+STEP_SEQUENCE_POSITIONS = "step.sequence.positions"
+STEP_SEQUENCE_PHASES = "step.sequence.phases"
+STEP_SEQUENCE_TOKENS = "step.sequence.tokens"
+STEP_LAYER_DETAIL = "step.layer_detail"  # True when this step's layer spans were exported
+STEP_SAMPLED_BY = "step.sampled_by"  # why: first, slow, relative, every_n, all, none
+# Per-step sums over its layer spans, so totals survive sampled export (see stats.py).
+STEP_COMPUTE_NS = "step.compute_ns"
+STEP_TRANSFER_NS = "step.transfer_ns"
+STEP_RELEASE_NS = "step.release_ns"
+STEP_WAIT_NS = "step.wait_ns"
+STEP_OVERLAP_NS = "step.overlap_ns"
+STEP_TRANSFER_BYTES = "step.transfer_bytes"
+STEP_TRANSFERS = "step.transfers"
+STEP_PREFETCHED = "step.prefetched_transfers"  # transfers issued ahead of need
+# Per-layer figures of the step, as integer arrays indexed by layer index, so the per-layer
+# breakdown is complete even for steps whose layer spans were not exported.
+STEP_LAYERS_COMPUTE_NS = "step.layers.compute_ns"
+STEP_LAYERS_TRANSFER_NS = "step.layers.transfer_ns"
+STEP_LAYERS_RELEASE_NS = "step.layers.release_ns"
+STEP_LAYERS_WAIT_NS = "step.layers.wait_ns"
+STEP_LAYERS_OVERLAP_NS = "step.layers.overlap_ns"
+STEP_LAYERS_TRANSFER_BYTES = "step.layers.transfer_bytes"
+STEP_LAYER_ARRAYS = (
+    STEP_LAYERS_COMPUTE_NS,
+    STEP_LAYERS_TRANSFER_NS,
+    STEP_LAYERS_RELEASE_NS,
+    STEP_LAYERS_WAIT_NS,
+    STEP_LAYERS_OVERLAP_NS,
+    STEP_LAYERS_TRANSFER_BYTES,
 )
 
 # -- layer spans ----------------------------------------------------------------------------------------
@@ -92,10 +114,10 @@ LAYER_WAIT_NS = "layer.wait_ns"  # compute: time it waited for its own copy to l
 LAYER_OVERLAP_NS = "layer.overlap_ns"  # transfer: time it ran while some layer computed
 
 # -- events -------------------------------------------------------------------------------------------------
-EVENT_SLOW_TOKEN = "tracedoffload.slow_token"
+EVENT_SLOW_STEP = "tracedoffload.slow_step"
 EVENT_LEAK_SUSPECTED = "tracedoffload.leak_suspected"
 
-# -- memory (token spans; absent when not readable, never 0) -----------------------------------------
+# -- memory (step spans; absent when not readable, never 0) -----------------------------------------
 MEMORY_HOST_RSS = "memory.host.rss_bytes"
 MEMORY_HOST_RSS_DELTA = "memory.host.rss_delta_bytes"
 MEMORY_DEVICE_ALLOCATED = "memory.device.allocated_bytes"
@@ -120,17 +142,18 @@ def _m(otel: str, prometheus: str, kind: str, unit: str, description: str) -> Me
     return MetricName(otel, prometheus, kind, unit, description)
 
 
-# -- latency (histograms, seconds; exemplars carry the token's trace id) ---------------------------
-TOKEN_LATENCY = _m("tracedoffload.token.duration", "tracedoffload_token_duration_seconds", "histogram", "s", "Wall time of one token step (prefill or decode)")
-TIME_TO_FIRST_TOKEN = _m("gen_ai.server.time_to_first_token", "gen_ai_server_time_to_first_token_seconds", "histogram", "s", "Time to the first generated token")
-TIME_PER_OUTPUT_TOKEN = _m("gen_ai.server.time_per_output_token", "gen_ai_server_time_per_output_token_seconds", "histogram", "s", "Time per decode token")
+# -- latency (histograms, seconds; exemplars carry the step's or the generation's trace id) ---------------------------
+STEP_LATENCY = _m("tracedoffload.step.duration", "tracedoffload_step_duration_seconds", "histogram", "s", "Wall time of one forward pass (step), by its phase")
+TIME_TO_FIRST_TOKEN = _m("gen_ai.server.time_to_first_token", "gen_ai_server_time_to_first_token_seconds", "histogram", "s", "Time from a generation's start to its first token")
+TIME_PER_OUTPUT_TOKEN = _m("gen_ai.server.time_per_output_token", "gen_ai_server_time_per_output_token_seconds", "histogram", "s", "A generation's time per output token after the first")
 REQUEST_DURATION = _m("gen_ai.server.request.duration", "gen_ai_server_request_duration_seconds", "histogram", "s", "Duration of one generation")
 LAYER_TRANSFER = _m("tracedoffload.layer.transfer.duration", "tracedoffload_layer_transfer_duration_seconds", "histogram", "s", "Host-to-device copy of one offloaded layer")
 LAYER_COMPUTE = _m("tracedoffload.layer.compute.duration", "tracedoffload_layer_compute_duration_seconds", "histogram", "s", "Forward of one decoder layer")
 
 # -- counters -----------------------------------------------------------------------------------------
 BYTES_COPIED = _m("tracedoffload.transfer.bytes", "tracedoffload_transfer_bytes_total", "counter", "By", "Bytes copied host to device")
-TOKENS = _m("tracedoffload.tokens", "tracedoffload_tokens_total", "counter", "{token}", "Token steps completed")
+STEPS = _m("tracedoffload.steps", "tracedoffload_steps_total", "counter", "{step}", "Forward passes (steps) completed")
+GENERATED_TOKENS = _m("tracedoffload.generated_tokens", "tracedoffload_generated_tokens_total", "counter", "{token}", "New tokens produced, over every sequence")
 SPANS_DROPPED = _m("tracedoffload.spans.dropped", "tracedoffload_spans_dropped_total", "counter", "{span}", "Spans lost before export")
 ALLOC_RETRIES = _m("tracedoffload.cuda.alloc_retries", "tracedoffload_cuda_alloc_retries_total", "counter", "{retry}", "CUDA caching allocator retries (cache flushes to satisfy an allocation)")
 OOMS = _m("tracedoffload.cuda.ooms", "tracedoffload_cuda_ooms_total", "counter", "{oom}", "CUDA out-of-memory errors seen by the caching allocator")
@@ -148,13 +171,14 @@ QUIET_POINT = _m("tracedoffload.memory.quiet_point", "tracedoffload_memory_quiet
 
 # -- leak detector --------------------------------------------------------------------------------------------
 LEAK_SUSPECTED = _m("tracedoffload.leak.suspected", "tracedoffload_leak_suspected", "gauge", "1", "1 while the leak detector suspects a leak, by source")
-LEAK_BYTES_PER_TOKEN = _m("tracedoffload.leak.bytes_per_token", "tracedoffload_leak_bytes_per_token", "gauge", "By", "Estimated leaked bytes per token, by source")
+LEAK_BYTES_PER_STEP = _m("tracedoffload.leak.bytes_per_step", "tracedoffload_leak_bytes_per_step", "gauge", "By", "Estimated leaked bytes per step, by source")
+KV_TOKENS = _m("tracedoffload.kv_cache.tokens", "tracedoffload_kv_cache_tokens", "gauge", "{token}", "Tokens held in KV caches after the last step, over every live sequence")
 KV_EXPECTED = _m("tracedoffload.kv_cache.expected_bytes_per_token", "tracedoffload_kv_cache_expected_bytes_per_token", "gauge", "By", "KV-cache growth per token the planner expects")
 
 ALL: tuple[MetricName, ...] = tuple(v for v in dict(globals()).values() if isinstance(v, MetricName))
 
 # Label names.
-LABEL_PHASE = "phase"  # prefill / decode
+LABEL_PHASE = "phase"  # a step's phase: PHASES or PHASE_MIXED
 LABEL_MODEL = "model"
 LABEL_SOURCE = "source"  # memory source: "device" (torch allocator / NVML) or "host" (RSS + pinned)
 LABEL_DEVICE = "device"

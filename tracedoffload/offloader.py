@@ -266,7 +266,7 @@ class Offloader:
 
     def _install_hooks(self) -> None:
         setattr(self.model, HOOK_ATTR, self)
-        self._handles.append(self.model.register_forward_pre_hook(self._step_pre_hook))
+        self._handles.append(self.model.register_forward_pre_hook(self._step_pre_hook, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._step_post_hook))
         for index, layer in enumerate(self.layers):
             setattr(layer, HOOK_ATTR, self)
@@ -307,14 +307,17 @@ class Offloader:
         self._timeline = timeline
         # Markers only for a timeline that reads them: a hook then pays one attribute call.
         self._timed = bool(getattr(timeline, "wants_markers", True))
-        self._mark = self._streams.mark if self._timed else _no_marker
+        self._mark = self._streams.clock.mark if self._timed else _no_marker
 
     # -- the hooks ------------------------------------------------------------------------------
 
     @torch.compiler.disable
-    def _step_pre_hook(self, module: nn.Module, args: Any) -> None:
+    def _step_pre_hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self._observed_order = []
-        self.timeline.step_begin(self._mark())
+        if not self._timed:
+            self.timeline.step_begin(None)
+            return
+        self.timeline.step_begin(self._mark(), *_input_shape(args, kwargs))
 
     @torch.compiler.disable
     def _step_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -420,6 +423,15 @@ class Offloader:
 
 def _no_marker() -> None:
     return None
+
+
+def _input_shape(args: Any, kwargs: dict[str, Any]) -> tuple[int, int]:
+    """(rows, tokens per row) of a forward's input: its input_ids, else its inputs_embeds."""
+    inputs = kwargs.get("input_ids")
+    if inputs is None:
+        inputs = args[0] if args else kwargs.get("inputs_embeds")
+    shape = getattr(inputs, "shape", ())
+    return (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (1, 1)
 
 
 def _bind(method: Any, index: int) -> Any:

@@ -1,8 +1,8 @@
 """The one interface through which the offloader reports what it did and when.
 
 The offloader calls a `Timeline` at every boundary: the start and end of a step (one forward
-pass of the model: the prefill or one decode token) and each layer's transfer, compute and
-release. It hands over markers, not durations: host-clock nanoseconds on the CPU path, CUDA
+pass of the model, serving one sequence or a batch) and each layer's transfer, compute and
+release. A step's start comes with the shape of the forward's input (rows, tokens per row). It hands over markers, not durations: host-clock nanoseconds on the CPU path, CUDA
 events on the GPU path, which a consumer resolves later, off the hot path. The tracing core is
 such a consumer; `RecordingTimeline` keeps plain records for tests and benchmarks.
 
@@ -44,8 +44,8 @@ class Timeline:
 
     wants_markers = True
 
-    def step_begin(self, marker: Any) -> None:
-        """A forward pass of the model starts."""
+    def step_begin(self, marker: Any, rows: int = 1, length: int = 1) -> None:
+        """A forward pass of the model starts on an input of `rows` sequences of `length` tokens."""
 
     def layer(self, record: LayerRecord) -> None:
         """A layer transfer, compute or release was issued between two markers."""
@@ -74,7 +74,7 @@ class RecordingTimeline(Timeline):
         self._records: list[LayerRecord] = []
         self._start: Any = None
 
-    def step_begin(self, marker: Any) -> None:
+    def step_begin(self, marker: Any, rows: int = 1, length: int = 1) -> None:
         self._records = []
         self._start = marker
 

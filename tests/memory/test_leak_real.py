@@ -1,5 +1,5 @@
 """Leak detection on real allocations of the random model: injected leaks caught within 32
-tokens, and 100 normal generations (KV cache growing, prompt lengths varying) raise nothing."""
+steps, and 100 normal generations (KV cache growing, batch sizes and lengths varying) raise nothing."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from tracedoffload.tracing.session import TracingSession
 
 
 class TestInjectedLeaks:
-    @pytest.mark.parametrize("kind, bytes_per_token", [("host", 40e6), ("device", 1.5e6)])
-    def test_injected_leak_is_detected_within_32_tokens(self, kind, bytes_per_token):
-        """`run --inject-leak` leaks for real and the detector flags it before token 32, at about the leaked rate.
+    @pytest.mark.parametrize("kind, bytes_per_step", [("host", 40e6), ("device", 1.5e6)])
+    def test_injected_leak_is_detected_within_32_steps(self, kind, bytes_per_step):
+        """`run --inject-leak` leaks for real and the detector flags it before step 32, at about the leaked rate.
 
         In its own process, as a user runs it: in the test process the heap freed by earlier tests
         takes the leaked blocks without the resident size growing, and whether it does depends on
@@ -35,13 +35,14 @@ class TestInjectedLeaks:
         alerts = summary["leak_alerts"]
         assert alerts, f"no alert for an injected {kind} leak"
         assert alerts[0]["source"] == "host"  # without a GPU both leaks land in host memory
-        assert alerts[0]["token_index"] < 32
-        assert alerts[0]["bytes_per_token"] > bytes_per_token
+        assert alerts[0]["step_index"] < 32
+        assert alerts[0]["bytes_per_step"] > bytes_per_step
 
 
 class TestNoFalsePositives:
-    def test_hundred_normal_generations_raise_nothing(self):
-        """100 generations with the KV cache growing every token and varying prompts raise no alert."""
+    def test_hundred_normal_generations_of_varying_batch_and_length_raise_nothing(self):
+        """100 batched generates (1 to 4 sequences, prompts of 8 to 47 tokens, 8 to 31 new
+        tokens), the KV cache growing every step and freed after each, raise no alert."""
         model = build_random_model()
         offloader = offload(model, OffloadConfig(num_layers_on_gpu=14))
         session = TracingSession([], policy=SamplingPolicy(level="token"))
@@ -49,12 +50,23 @@ class TestNoFalsePositives:
         session.monitor_memory(monitor)
         session.attach(offloader)
         generator = torch.Generator().manual_seed(0)
+        steps = generated = 0
         for generation in range(100):
-            length = 8 + (generation * 7) % 40
-            prompt = torch.randint(0, 256, (1, length), generator=generator)
-            with torch.inference_mode(), session.generation("default", length, 24):
-                model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+            batch = 1 + generation % 4
+            lengths = [8 + (generation * 7 + 13 * row) % 40 for row in range(batch)]
+            new_tokens = 8 + (generation * 5) % 24
+            # Left-padded to the longest prompt, as a batched generate takes it.
+            input_ids = torch.zeros(batch, max(lengths), dtype=torch.long)
+            attention_mask = torch.zeros(batch, max(lengths), dtype=torch.long)
+            for row, length in enumerate(lengths):
+                input_ids[row, -length:] = torch.randint(1, 256, (length,), generator=generator)
+                attention_mask[row, -length:] = 1
+            with torch.inference_mode(), session.generations("default", lengths, new_tokens):
+                model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+            steps += new_tokens
+            generated += batch * new_tokens
         session.shutdown(10)
         offloader.detach()
-        assert session.snapshot()["tokens"] == 2400
+        stats = session.snapshot()
+        assert (stats["steps"], stats["generated_tokens"], stats["generations"]) == (steps, generated, 250)
         assert monitor.alerts == []

@@ -97,7 +97,7 @@ class TestCommand:
         assert summary["model"] == "SmolLM2-135M-Instruct.Q4_1"
         assert "Paris" in summary["output_text"]
         assert summary["finish_reason"] == "stop" and summary["stop_reason"] == "at the end-of-turn token '<|im_end|>'"
-        assert summary["stats"]["tokens"] == summary["generated_tokens"]
+        assert summary["stats"]["generated_tokens"] == summary["stats"]["steps"] == summary["generated_tokens"]
         assert_report_equals_live(capsys, path, summary["stats"])
 
     def test_system_and_raw_flags(self, capsys, default_model_xdg, monkeypatch):

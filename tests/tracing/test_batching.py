@@ -191,7 +191,7 @@ def test_fanout_flush_and_shutdown_share_one_deadline_across_exporters():
     gate = threading.Event()
     fanout = ExportFanout([Recording(gate) for _ in range(4)], ExportSettings(schedule_delay_millis=int(LONG_DELAY_S * 1000)))
     try:
-        fanout.export_token(token(1, 2))
+        fanout.export(token(1, 2))
         started = time.monotonic()
         assert not fanout.force_flush(1000)
         assert not fanout.shutdown(1.0)

@@ -32,7 +32,7 @@ class TestFileRoundTrip:
         from_file = stats_from_spans(read_otlp_jsonl(path))
         assert from_file["dropped_spans"] is None  # a file cannot hold what never reached it
         assert comparable(from_file) == live
-        assert live["tokens"] == 12 and live["generations"] == 2
+        assert live["steps"] == 12 and live["generations"] == 2
 
     def test_sampled_file_keeps_the_totals(self, tmp_path):
         """With the default tail rule the file lacks most layer spans, yet its totals equal the live ones."""
@@ -42,10 +42,10 @@ class TestFileRoundTrip:
         session.shutdown(10)
         live, from_file = session.snapshot(), stats_from_spans(read_otlp_jsonl(path))
         assert from_file["time_breakdown"] == live["time_breakdown"]
-        assert from_file["token_latency_ms"] == live["token_latency_ms"]
-        assert from_file["slowest_tokens"] == live["slowest_tokens"]
+        assert from_file["step_latency_ms"] == live["step_latency_ms"]
+        assert from_file["slowest_steps"] == live["slowest_steps"]
         spans = list(read_otlp_jsonl(path))
-        assert sum(1 for s in spans if s.name == names.SPAN_COMPUTE) < live["tokens"] * 6
+        assert sum(1 for s in spans if s.name == names.SPAN_COMPUTE) < live["steps"] * 6
 
 
 class TestCollectorDown:
@@ -58,7 +58,7 @@ class TestCollectorDown:
         generated = time.monotonic() - started
         session.shutdown(timeout_s=3)
         stats = session.snapshot()
-        assert stats["tokens"] == 6
+        assert stats["steps"] == 6
         assert stats["dropped_spans"] > 0
         assert generated < 5
 

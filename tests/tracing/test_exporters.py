@@ -86,18 +86,18 @@ def _generate(provider: TracerProvider, tokens: int = 2, layers: int = 2) -> Non
             begin = t0 + 10 * step * token + step
             links = [Link(previous.get_span_context(), {"link.kind": "previous_token"})] if previous else []
             span = tracer.start_span(
-                names.SPAN_TOKEN,
+                names.SPAN_STEP,
                 start_time=begin,
                 links=links,
                 attributes={
-                    names.TOKEN_INDEX: token,
-                    names.TOKEN_PHASE: names.PHASE_PREFILL if token == 0 else names.PHASE_DECODE,
-                    names.TOKEN_LAYER_DETAIL: True,
-                    names.TOKEN_COMPUTE_NS: 1234567,
+                    names.STEP_INDEX: token,
+                    names.STEP_PHASE: names.PHASE_PREFILL if token == 0 else names.PHASE_DECODE,
+                    names.STEP_LAYER_DETAIL: True,
+                    names.STEP_COMPUTE_NS: 1234567,
                     "token.ratio": 0.25,
                 },
             )
-            span.add_event(names.EVENT_SLOW_TOKEN, {"threshold_ns": 5_000_000, "why": "slow"}, timestamp=begin + 7)
+            span.add_event(names.EVENT_SLOW_STEP, {"threshold_ns": 5_000_000, "why": "slow"}, timestamp=begin + 7)
             with trace.use_span(span, end_on_exit=False):
                 for layer in range(layers):
                     base = begin + 3 * layer * 1000  # the first transfer starts with its token
@@ -230,10 +230,10 @@ class TestOtlpJsonLinesExporter:
         expected = [SpanView.from_readable(span) for span in memory.get_finished_spans()]
         got = list(read_otlp_jsonl(path))
         assert got == expected
-        token = next(view for view in got if view.name == names.SPAN_TOKEN and view.links)
-        assert isinstance(token.attributes[names.TOKEN_INDEX], int)
+        token = next(view for view in got if view.name == names.SPAN_STEP and view.links)
+        assert isinstance(token.attributes[names.STEP_INDEX], int)
         assert token.attributes["token.ratio"] == 0.25
-        assert token.attributes[names.TOKEN_LAYER_DETAIL] is True
+        assert token.attributes[names.STEP_LAYER_DETAIL] is True
         generation = next(view for view in got if view.name == GENERATION_SPAN)
         assert generation.attributes[names.OFFLOAD_CPU_LAYERS] == (0, 1)
         assert generation.parent_span_id is None
@@ -486,11 +486,11 @@ class TestPerfettoExporter:
         meta = [e for e in trace["traceEvents"] if e["ph"] == "M"]
         assert {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "tracedoffload"}} in meta
         threads = {e["args"]["name"]: e["tid"] for e in meta if e["name"] == "thread_name"}
-        assert set(threads) == {"generation", "tokens", "transfers", "compute", "releases"}
+        assert set(threads) == {"generation", "steps", "transfers", "compute", "releases"}
         assert len(set(threads.values())) == 5
         expected_track = {
             GENERATION_SPAN: "generation",
-            names.SPAN_TOKEN: "tokens",
+            names.SPAN_STEP: "steps",
             names.SPAN_TRANSFER: "transfers",
             names.SPAN_COMPUTE: "compute",
             names.SPAN_RELEASE: "releases",
@@ -517,7 +517,7 @@ class TestPerfettoExporter:
         for earlier, later in zip(complete, complete[1:]):
             if earlier["ts"] == later["ts"]:  # a parent and its first child: the parent first
                 assert earlier["dur"] >= later["dur"]
-        token = complete.index(next(e for e in complete if e["name"] == names.SPAN_TOKEN))
+        token = complete.index(next(e for e in complete if e["name"] == names.SPAN_STEP))
         assert complete[token + 1]["name"] == names.SPAN_TRANSFER
         assert complete[token + 1]["ts"] == complete[token]["ts"]
 

@@ -61,14 +61,14 @@ class TestForkedChild:
     def test_inherited_session_drops_and_counts_without_touching_the_parents_threads(self, memory_exporter):
         session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail())
         offloader = traced_generation(session, new_tokens=3)
-        tokens_before = session.stats.tokens
+        tokens_before = session.stats.steps
 
         def child():
             torch.set_num_threads(1)  # the parent's OpenMP pool did not survive the fork either
             generate(offloader.model, session, new_tokens=4)  # completes: the steps are refused
             snapshot = session.snapshot()
             assert snapshot["dropped_steps"] == 4, snapshot["dropped_steps"]
-            assert snapshot["tokens"] == tokens_before  # the parent's figures, nothing new
+            assert snapshot["steps"] == tokens_before  # the parent's figures, nothing new
             assert snapshot["dropped_spans"] > 0
             assert "tracing.forked_session" in stream.getvalue()
             with pytest.raises(RuntimeError, match="create a TracingSession in this process"):
@@ -93,7 +93,7 @@ class TestForkedChild:
         # The parent goes on tracing as before, with nothing from the child.
         generate(offloader.model, session, new_tokens=2)
         assert session.shutdown(10)
-        assert session.stats.tokens == tokens_before + 2
+        assert session.stats.steps == tokens_before + 2
         assert session.snapshot()["dropped_steps"] == 0
         offloader.detach()
 
@@ -105,8 +105,8 @@ class TestForkedChild:
             session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail())
             offloader = traced_generation(session, new_tokens=3)
             assert session.shutdown(10)
-            assert session.stats.tokens == 3
-            assert {span.name for span in memory_exporter.get_finished_spans()} >= {"token", "layer.compute", "layer.transfer"}
+            assert session.stats.steps == 3
+            assert {span.name for span in memory_exporter.get_finished_spans()} >= {"step", "layer.compute", "layer.transfer"}
             offloader.detach()
 
         assert model is not None  # the parent holds a model, as a pre-forking server would
@@ -127,7 +127,7 @@ def test_a_session_never_shut_down_is_flushed_at_exit(tmp_path):
         traced_generation(session, new_tokens=3, flush=False)
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    tokens = [span for span in read_otlp_jsonl(trace_file) if span.name == "token"]
+    tokens = [span for span in read_otlp_jsonl(trace_file) if span.name == "step"]
     assert len(tokens) == 3
 
 
@@ -166,5 +166,5 @@ def test_at_exit_a_stuck_exporter_neither_holds_the_exit_nor_costs_another_sessi
     # seen once): a generous bound that still tells a bounded exit from a hang.
     assert process.wait(timeout=120) == 0
     assert time.monotonic() - exit_began < 5.0 + 40.0
-    tokens = [span for span in read_otlp_jsonl(trace_file) if span.name == "token"]
+    tokens = [span for span in read_otlp_jsonl(trace_file) if span.name == "step"]
     assert len(tokens) == 3

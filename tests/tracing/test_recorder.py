@@ -16,7 +16,8 @@ from .conftest import traced_generation
 
 
 def run_steps(timeline: TracingTimeline, steps: int) -> None:
-    timeline.begin_generation(GenerationInfo("g", None, True), anchor="first")
+    timeline.reanchor_now("first")  # as a session does when a generation opens on an idle model
+    timeline.open_in_context([GenerationInfo("g", None, True, 1, 0)])
     for step in range(steps):
         timeline.step_begin(step * 10)
         timeline.layer(LayerRecord(COMPUTE, 0, step * 10 + 1, step * 10 + 2, 0, -1, False))
@@ -45,7 +46,7 @@ class TestReanchoring:
         traced_generation(session, new_tokens=5).detach()
         session.shutdown(10)
         spans = memory_exporter.get_finished_spans()
-        tokens = sorted((s for s in spans if s.name == names.SPAN_TOKEN), key=lambda s: s.attributes[names.TOKEN_INDEX])
+        tokens = sorted((s for s in spans if s.name == names.SPAN_STEP), key=lambda s: s.attributes[names.STEP_INDEX])
         assert len(tokens) == 5
         for earlier, later in itertools.pairwise(tokens):
             # Two host-clock anchors can differ by the time between their two reads: well under 1 ms.

@@ -1,4 +1,4 @@
-"""The tail rule: which tokens get their layer spans exported, and why."""
+"""The tail rule: which steps get their layer spans exported, and why."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ MS = 1_000_000
 
 def decisions(policy: SamplingPolicy, durations_ms: list[float]) -> list[str | None]:
     sampler = TailSampler(policy)
-    return [sampler.decide(index, int(ms * MS)) for index, ms in enumerate(durations_ms)]
+    # One generation, one step per token: step n is among its first `first_tokens` when n < it.
+    return [sampler.decide(index < policy.first_tokens, int(ms * MS)) for index, ms in enumerate(durations_ms)]
 
 
 class TestTailSampler:
@@ -80,13 +81,13 @@ class TestSlowTokensInTheTrace:
             traced_generation(session, new_tokens=4).detach()
             session.shutdown(10)
         spans = memory_exporter.get_finished_spans()
-        tokens = sorted((s for s in spans if s.name == names.SPAN_TOKEN), key=lambda s: s.attributes[names.TOKEN_INDEX])
-        assert [t.attributes[names.TOKEN_SAMPLED_BY] for t in tokens] == ["first", "slow", "slow", "slow"]
+        tokens = sorted((s for s in spans if s.name == names.SPAN_STEP), key=lambda s: s.attributes[names.STEP_INDEX])
+        assert [t.attributes[names.STEP_SAMPLED_BY] for t in tokens] == ["first", "slow", "slow", "slow"]
         for token in tokens[1:]:
-            assert [e.name for e in token.events] == [names.EVENT_SLOW_TOKEN]
+            assert [e.name for e in token.events] == [names.EVENT_SLOW_STEP]
             assert token.events[0].attributes["reason"] == "slow"
             assert any(s.parent is not None and s.parent.span_id == token.context.span_id for s in spans)
-        slow_lines = [line for line in logs if line["event"] == "token.slow"]
+        slow_lines = [line for line in logs if line["event"] == "step.slow"]
         assert [line["trace_id"] for line in slow_lines] == [f"{t.context.trace_id:032x}" for t in tokens[1:]]
 
     def test_sampled_out_tokens_have_no_layer_spans_but_full_statistics(self, memory_exporter):
@@ -94,8 +95,8 @@ class TestSlowTokensInTheTrace:
         traced_generation(session, new_tokens=4).detach()
         session.shutdown(10)
         spans = memory_exporter.get_finished_spans()
-        sampled_out = [s for s in spans if s.name == names.SPAN_TOKEN and s.attributes[names.TOKEN_SAMPLED_BY] == "none"]
+        sampled_out = [s for s in spans if s.name == names.SPAN_STEP and s.attributes[names.STEP_SAMPLED_BY] == "none"]
         assert len(sampled_out) == 3
         assert not any(s.parent is not None and s.parent.span_id in {t.context.span_id for t in sampled_out} for s in spans)
-        assert session.snapshot()["tokens"] == 4
-        assert session.snapshot()["layer_detail_tokens"] == 1
+        assert session.snapshot()["steps"] == 4
+        assert session.snapshot()["layer_detail_steps"] == 1

@@ -31,7 +31,7 @@ def by_trace(spans):
 
 
 def token_traces(spans):
-    return {tid: group for tid, group in by_trace(spans).items() if any(s.name == names.SPAN_TOKEN for s in group)}
+    return {tid: group for tid, group in by_trace(spans).items() if any(s.name == names.SPAN_STEP for s in group)}
 
 
 class TestTraceShape:
@@ -43,7 +43,7 @@ class TestTraceShape:
         traces = token_traces(spans)
         assert len(traces) == 6
         for group in traces.values():
-            roots = [s for s in group if s.name == names.SPAN_TOKEN]
+            roots = [s for s in group if s.name == names.SPAN_STEP]
             assert len(roots) == 1 and roots[0].parent is None
             assert [link.context.span_id for link in roots[0].links] == [generation[0].context.span_id]
             assert roots[0].attributes[names.GENERATION_ID] == generation[0].attributes[names.GENERATION_ID]
@@ -52,7 +52,7 @@ class TestTraceShape:
         """Every layer span's parent is the token span of its own trace."""
         _, spans, _ = full_detail_run
         for group in token_traces(spans).values():
-            root = next(s for s in group if s.name == names.SPAN_TOKEN)
+            root = next(s for s in group if s.name == names.SPAN_STEP)
             for span in group:
                 if span is not root:
                     assert span.name in names.LAYER_SPANS
@@ -69,12 +69,41 @@ class TestTraceShape:
             # The last offloaded layer's release prefetches the next step's first one: +1 at most.
             assert count[names.SPAN_TRANSFER] in (offloaded, offloaded + 1)
 
-    def test_phase_and_token_index(self, full_detail_run):
-        """Token 0 is the prefill; the rest are decode steps numbered in order."""
+    def test_phase_position_and_step_index(self, full_detail_run):
+        """Step 0 is the prefill of the 5-token prompt; the rest are decode steps numbered in
+        order, each one sequence at its own position, one new token each."""
         _, spans, _ = full_detail_run
-        tokens = sorted((s for s in spans if s.name == names.SPAN_TOKEN), key=lambda s: s.attributes[names.TOKEN_INDEX])
-        assert [s.attributes[names.TOKEN_INDEX] for s in tokens] == list(range(6))
-        assert [s.attributes[names.TOKEN_PHASE] for s in tokens] == ["prefill"] + ["decode"] * 5
+        steps = sorted((s for s in spans if s.name == names.SPAN_STEP), key=lambda s: s.attributes[names.STEP_INDEX])
+        assert [s.attributes[names.STEP_INDEX] for s in steps] == list(range(6))
+        assert [s.attributes[names.STEP_PHASE] for s in steps] == ["prefill"] + ["decode"] * 5
+        assert [s.attributes[names.STEP_POSITION] for s in steps] == [0, 5, 6, 7, 8, 9]
+        assert [s.attributes[names.STEP_TOKENS] for s in steps] == [5, 1, 1, 1, 1, 1]
+        assert {(s.attributes[names.STEP_SEQUENCES], s.attributes[names.STEP_GENERATED_TOKENS]) for s in steps} == {(1, 1)}
+        # KV tokens held after each step: the prompt, then one more per step.
+        assert [s.attributes[names.STEP_KV_TOKENS] for s in steps] == [5, 6, 7, 8, 9, 10]
+
+    def test_a_batch_one_trace_stays_simple(self, full_detail_run):
+        """Batch 1 keeps today's shape: a step names its one generation and links to it; no
+        per-sequence arrays."""
+        _, spans, _ = full_detail_run
+        generation = next(s for s in spans if s.name.startswith("text_completion"))
+        for step in (s for s in spans if s.name == names.SPAN_STEP):
+            assert step.attributes[names.GENERATION_ID] == generation.attributes[names.GENERATION_ID]
+            assert [link.context.span_id for link in step.links] == [generation.context.span_id]
+            assert not any(key.startswith("step.sequence.") for key in step.attributes)
+
+    def test_the_generation_reaches_each_of_its_steps(self, full_detail_run):
+        """The generation span has one step event per forward that served it, carrying that
+        step's trace and span ids, and its time to first token (to the prefill's end)."""
+        _, spans, _ = full_detail_run
+        generation = next(s for s in spans if s.name.startswith("text_completion"))
+        steps = sorted((s for s in spans if s.name == names.SPAN_STEP), key=lambda s: s.attributes[names.STEP_INDEX])
+        events = [e for e in generation.events if e.name == names.EVENT_STEP]
+        assert [e.attributes[names.EVENT_STEP_TRACE_ID] for e in events] == [f"{s.context.trace_id:032x}" for s in steps]
+        assert [e.attributes[names.EVENT_STEP_SPAN_ID] for e in events] == [f"{s.context.span_id:016x}" for s in steps]
+        assert generation.attributes[names.GENERATION_STEPS] == 6
+        assert generation.attributes[names.GENERATION_TTFT_NS] == steps[0].end_time - generation.start_time
+        assert generation.start_time <= steps[0].start_time and steps[-1].end_time <= generation.end_time
 
     def test_generation_carries_genai_attributes(self, full_detail_run):
         """The generation span has the GenAI semantic-convention attributes and the offload config."""
@@ -88,14 +117,14 @@ class TestTraceShape:
         assert attributes[names.OFFLOAD_CPU_LAYERS] == len(offloader.offloaded_indices)
 
     def test_one_trace_per_generation_switch(self, memory_exporter):
-        """With per_token_traces off, tokens are children of the generation span in its trace."""
-        session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail(), per_token_traces=False)
+        """With per_step_traces off, tokens are children of the generation span in its trace."""
+        session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail(), per_step_traces=False)
         traced_generation(session).detach()
         session.shutdown(10)
         spans = memory_exporter.get_finished_spans()
         assert len({s.context.trace_id for s in spans}) == 1
         generation = next(s for s in spans if s.name.startswith("text_completion"))
-        tokens = [s for s in spans if s.name == names.SPAN_TOKEN]
+        tokens = [s for s in spans if s.name == names.SPAN_STEP]
         assert tokens and all(t.parent.span_id == generation.context.span_id and not t.links for t in tokens)
 
 
@@ -104,7 +133,7 @@ class TestTimestamps:
         """Every layer span starts and ends within its token span, and ends after it starts."""
         _, spans, _ = full_detail_run
         for group in token_traces(spans).values():
-            root = next(s for s in group if s.name == names.SPAN_TOKEN)
+            root = next(s for s in group if s.name == names.SPAN_STEP)
             for span in group:
                 assert root.start_time <= span.start_time <= span.end_time <= root.end_time
 
@@ -153,15 +182,15 @@ class TestStatistics:
         assert stats["avg_layer_transfer_ms"] > 0 and 0 < stats["overhead_percentage"] < 100
         assert stats["vram_saved_gb"] == round((offloader.offloaded_bytes - offloader.device_pool_bytes) / 1e9, 4)
 
-    def test_latency_percentiles_and_slowest_tokens(self, full_detail_run):
-        """Percentiles are ordered and the slowest tokens name their trace ids."""
+    def test_latency_percentiles_and_slowest_steps(self, full_detail_run):
+        """Percentiles are ordered and the slowest steps name their trace ids."""
         session, spans, _ = full_detail_run
         stats = session.snapshot()
-        latency = stats["token_latency_ms"]
+        latency = stats["step_latency_ms"]
         assert latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
-        token_ids = {f"{s.context.trace_id:032x}" for s in spans if s.name == names.SPAN_TOKEN}
-        assert {t["trace_id"] for t in stats["slowest_tokens"]} <= token_ids
-        durations = [t["ms"] for t in stats["slowest_tokens"]]
+        token_ids = {f"{s.context.trace_id:032x}" for s in spans if s.name == names.SPAN_STEP}
+        assert {t["trace_id"] for t in stats["slowest_steps"]} <= token_ids
+        durations = [t["ms"] for t in stats["slowest_steps"]]
         assert durations == sorted(durations, reverse=True)
 
     def test_per_layer_breakdown_covers_every_layer(self, full_detail_run):
@@ -180,8 +209,8 @@ class TestStatistics:
         session.shutdown(10)
         spans = memory_exporter.get_finished_spans()
         stats = session.snapshot()
-        assert stats["tokens"] == 8
-        assert stats["layer_detail_tokens"] == 1
+        assert stats["steps"] == 8 and stats["generated_tokens"] == 8
+        assert stats["layer_detail_steps"] == 1
         exported_computes = sum(1 for s in spans if s.name == names.SPAN_COMPUTE)
         assert exported_computes == NUM_LAYERS
         assert sum(row["computes"] for row in stats["per_layer"].values()) == 8 * NUM_LAYERS
@@ -194,7 +223,7 @@ class TestLevels:
         traced_generation(session).detach()
         session.shutdown(10)
         names_seen = {s.name for s in memory_exporter.get_finished_spans()}
-        assert names_seen == {names.SPAN_TOKEN, "text_completion tiny"}
+        assert names_seen == {names.SPAN_STEP, "text_completion tiny"}
         assert session.snapshot()["time_breakdown"]["pure_computation_ms"] > 0
 
     def test_generation_level_exports_only_the_generation(self, memory_exporter):
@@ -268,7 +297,7 @@ class TestNeverInTheWay:
         session.shutdown(5)
         stats = session.snapshot()
         assert stats["dropped_spans"] > 0
-        assert stats["tokens"] == 6
+        assert stats["steps"] == 6
 
     def test_a_raising_listener_is_counted_not_raised(self):
         """An error on the telemetry thread is logged and counted; the generation completes."""
@@ -277,7 +306,7 @@ class TestNeverInTheWay:
         def explode(timing, stats):
             raise RuntimeError("listener bug")
 
-        session.add_token_listener(explode)
+        session.add_step_listener(explode)
         traced_generation(session).detach()
         session.shutdown(5)
         assert session.snapshot()["telemetry_errors"] == 6
@@ -293,7 +322,7 @@ class TestNeverInTheWay:
             release.wait(120)
             returned.set()
 
-        session.add_token_listener(held)
+        session.add_step_listener(held)
         try:
             traced_generation(session, new_tokens=6, flush=False).detach()
             assert not returned.is_set()
@@ -302,7 +331,8 @@ class TestNeverInTheWay:
         session.shutdown(30)
         stats = session.snapshot()
         assert stats["dropped_steps"] > 0
-        assert stats["tokens"] + stats["dropped_steps"] == 6
+        assert stats["steps"] + stats["dropped_steps"] == 6
+        assert stats["generations"] == 1  # its end is never dropped
 
 
 def log_events_of_one_traced_forward(exporter, hook) -> list[dict]:
@@ -331,7 +361,7 @@ class TestLogCorrelation:
         """A structlog event emitted inside a layer's forward carries that token's trace and span ids."""
         events = log_events_of_one_traced_forward(memory_exporter, lambda logger: logger.info("inside.layer"))
         event = next(e for e in events if e["event"] == "inside.layer")
-        token = next(s for s in memory_exporter.get_finished_spans() if s.name == names.SPAN_TOKEN)
+        token = next(s for s in memory_exporter.get_finished_spans() if s.name == names.SPAN_STEP)
         assert event["trace_id"] == f"{token.context.trace_id:032x}"
         assert event["span_id"] == f"{token.context.span_id:016x}"
 
@@ -430,7 +460,8 @@ class TestConcurrentGenerations:
                     with turn:
                         # Alternate while both run; the longer one goes on alone after.
                         assert turn.wait_for(lambda: state["next"] == me or step >= steps[1 - me], timeout=60)
-                        model(torch.arange(5).unsqueeze(0))
+                        # The prompt, then one token per step (no cache: only the shapes matter).
+                        model(torch.arange(5).unsqueeze(0) if step == 0 else torch.tensor([[1]]))
                         state["next"] = 1 - me
                         turn.notify_all()
 
@@ -441,8 +472,13 @@ class TestConcurrentGenerations:
             thread.join(120)
         session.shutdown(10)
         offloader.detach()
-        tokens = [s for s in memory_exporter.get_finished_spans() if s.name == names.SPAN_TOKEN]
+        spans = memory_exporter.get_finished_spans()
+        step_spans = [s for s in spans if s.name == names.SPAN_STEP]
         for me, count in steps.items():
-            mine = sorted(s.attributes[names.TOKEN_INDEX] for s in tokens if s.attributes.get(names.GENERATION_ID) == state["ids"][me])
-            assert mine == list(range(count)), (me, mine)
-        assert len(tokens) == sum(steps.values())
+            mine = sorted((s for s in step_spans if s.attributes.get(names.GENERATION_ID) == state["ids"][me]), key=lambda s: s.start_time)
+            assert [s.attributes[names.STEP_POSITION] for s in mine] == [0] + [5 + n for n in range(count - 1)], me
+            assert [s.attributes[names.STEP_PHASE] for s in mine] == ["prefill"] + ["decode"] * (count - 1)
+            generation = next(s for s in spans if s.attributes.get(names.GENERATION_ID) == state["ids"][me] and s.name.startswith("text_completion"))
+            assert all([link.context.span_id for link in s.links] == [generation.context.span_id] for s in mine)
+            assert len([e for e in generation.events if e.name == names.EVENT_STEP]) == count
+        assert len(step_spans) == sum(steps.values())

@@ -19,7 +19,6 @@ from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 from prometheus_client import CollectorRegistry
 
-from tracedoffload import names
 from tracedoffload.cli.progress import ProgressBar, end_progress_line
 from tracedoffload.faults import LeakInjector, inject_leak
 from tracedoffload.logs import get_logger
@@ -55,11 +54,6 @@ class RunTelemetry:
     otlp_target: str | None = None  # where OTLP goes, for the line that says what was not sent
     exports_spans: bool = False  # whether any exporter (file, OTLP, console, Perfetto) takes spans
     restore_sdk_logs: Callable[[], None] | None = None
-
-    def generation_done(self, seconds: float) -> None:
-        """Record one generation's duration (gen_ai.server.request.duration)."""
-        if self.metrics is not None:
-            self.metrics.generation(seconds)
 
     def finish_statistics(self, timeout_s: float = 30.0) -> None:
         """Aggregate every finished token (local work, no network) and keep the statistics: the
@@ -128,7 +122,7 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
     if args.perfetto:
         telemetry.perfetto = args.perfetto
         exporters.append(PerfettoExporter(args.perfetto))
-    session = TracingSession(exporters, policy=policy, per_token_traces=not args.trace_per_generation)
+    session = TracingSession(exporters, policy=policy, per_step_traces=not args.trace_per_generation)
     telemetry.exports_spans = bool(exporters)
     readers = _metric_readers(args)
     if args.metrics_port is not None or readers:
@@ -141,24 +135,13 @@ def start(args: argparse.Namespace, policy: SamplingPolicy, offloader: Offloader
     telemetry.monitor = MemoryMonitor(offloader, kv_bytes_per_token, metrics=telemetry.metrics)
     session.monitor_memory(telemetry.monitor)
     if telemetry.metrics is not None:
-        metrics = telemetry.metrics
-        session.add_token_listener(
-            lambda timing, stats: metrics.token(
-                timing.duration_ns,
-                names.PHASE_PREFILL if timing.payload.token_index == 0 else names.PHASE_DECODE,
-                timing.payload.trace_id,
-                timing.payload.span_id,
-                [(r.kind, e - s) for r, s, e in zip(timing.payload.records, timing.starts, timing.ends)],
-                timing.sums[names.TOKEN_TRANSFER_BYTES],
-            )
-        )
+        telemetry.metrics.subscribe(session)
     if args.progress or (args.progress is None and sys.stderr.isatty()):
-        # One step per new token: the prefill makes the first, each decode step one more.
         telemetry.progress = ProgressBar(args.max_new_tokens)
-        session.add_token_listener(telemetry.progress)
+        session.add_step_listener(telemetry.progress)
     if args.profile_every:
         every = args.profile_every
-        session.add_token_listener(lambda timing, stats: _maybe_profile(stats, every))
+        session.add_step_listener(lambda timing, stats: _maybe_profile(stats, every))
     session.attach(offloader)
     if args.inject_leak:
         telemetry.injector = inject_leak(offloader, args.inject_leak)
@@ -201,6 +184,6 @@ def quiet_sdk_export_logs() -> Callable[[], None]:
 
 
 def _maybe_profile(stats: Any, every: int) -> None:
-    if stats.tokens and stats.tokens % every == 0:
+    if stats.steps and stats.steps % every == 0:
         end_progress_line()
-        print(profile_summary(stats.snapshot(), stats.tokens), file=sys.stderr, flush=True)
+        print(profile_summary(stats.snapshot(), stats.steps), file=sys.stderr, flush=True)

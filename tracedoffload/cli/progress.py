@@ -22,11 +22,11 @@ class ProgressBar:
         _ACTIVE_BARS.append(self)
 
     def __call__(self, timing: Any, stats: Any) -> None:
-        done = min(stats.tokens, self.total)
+        done = min(stats.generated_tokens, self.total)
         filled = self.width * done // self.total
         rate = done / max(1e-9, time.monotonic() - self.started)
         with self._lock:
-            print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps  {rate:.1f} steps/s", end="", file=sys.stderr, flush=True)
+            print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} tokens  {rate:.1f} tokens/s", end="", file=sys.stderr, flush=True)
             self._mid_line = True
         if done >= self.total:
             self.break_line()

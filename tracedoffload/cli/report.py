@@ -13,10 +13,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
         help="recompute the offload statistics from an exported OTLP JSON-lines trace file",
-        description="Recompute the statistics of a run from its OTLP JSON-lines trace file and list the slowest tokens with their trace ids.",
+        description="Recompute the statistics of a run from its OTLP JSON-lines trace file and list the slowest steps (forward passes) with their trace ids.",
     )
     parser.add_argument("file", type=Path, help="an OTLP JSON-lines file written by `tracedoffload run --trace-file`")
-    parser.add_argument("--slowest", type=int, default=10, help="how many slow tokens to list (default 10)")
+    parser.add_argument("--slowest", type=int, default=10, help="how many slow steps to list (default 10)")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
     parser.set_defaults(handler=report)
 
@@ -31,19 +31,19 @@ def report(args: argparse.Namespace) -> int:
     # Imported once the arguments are checked: --help and a bad argument need no SDK.
     from tracedoffload.tracing.exporters.jsonl import read_otlp_jsonl
     from tracedoffload.tracing.stats import SLOWEST_KEPT, stats_from_spans
-    from tracedoffload.tracing.summary import slowest_tokens, stats_table
+    from tracedoffload.tracing.summary import slowest_steps, stats_table
 
     try:
         stats = stats_from_spans(read_otlp_jsonl(args.file), slowest_kept=max(args.slowest, SLOWEST_KEPT))
     except (ValueError, KeyError, TypeError, ArithmeticError) as error:
         raise TracedOffloadError(f"file={str(args.file)!r} is not an OTLP JSON-lines trace file: {error}") from None
-    if not stats["tokens"]:
+    if not stats["steps"]:
         raise TracedOffloadError(
-            f"file={str(args.file)!r} holds no token spans: the statistics need a trace written at --trace-level token or layer"
+            f"file={str(args.file)!r} holds no step spans: the statistics need a trace written at --trace-level token or layer"
         )
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
         print(stats_table(stats))
-        print(slowest_tokens(stats, args.slowest))
+        print(slowest_steps(stats, args.slowest))
     return 0

@@ -112,7 +112,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
         generation = generate_once(model, tokenizer, args.prompt, args.max_new_tokens, telemetry.session, name, **prompting)
-        telemetry.generation_done(generation.seconds)
         telemetry.finish_statistics()
     except BaseException:
         telemetry.flush_exports(args.export_budget)  # what was traced before the failure is still sent
@@ -122,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_summary(name, placement, generation, telemetry.stats, args.max_new_tokens)
     summary["trace_file"] = str(telemetry.trace_file) if telemetry.trace_file else None
     summary["perfetto_file"] = str(telemetry.perfetto) if telemetry.perfetto else None
-    summary["token_traces_exported"] = policy.level in ("token", "layer") and telemetry.exports_spans
+    summary["step_traces_exported"] = policy.level in ("token", "layer") and telemetry.exports_spans
     summary["leak_alerts"] = [dataclasses.asdict(alert) for alert in telemetry.monitor.alerts] if telemetry.monitor else []
     # The summary first: a collector that is down must not hold what the run measured.
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tracedoffload.generation import FINISH_INTERRUPTED, FINISH_STOP
-from tracedoffload.tracing.summary import slowest_tokens, stats_table
+from tracedoffload.tracing.summary import slowest_steps, stats_table
 
 
 def placement_figures(offloader: Any, num_layers: int, device: Any) -> dict[str, Any]:
@@ -73,12 +73,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         if summary.get(key):
             rows.append((label, summary[key]))
     for alert in summary.get("leak_alerts") or []:
-        rows.append(("LEAK SUSPECTED", f"{alert['source']}: ~{alert['bytes_per_token'] / 2**20:.2f} MiB/token, detected at token {alert['token_index']}"))
+        rows.append(("LEAK SUSPECTED", f"{alert['source']}: ~{alert['bytes_per_step'] / 2**20:.2f} MiB/step, detected at step {alert['step_index']}"))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     stats = summary.get("stats")
     if stats is not None:
-        lines += ["", stats_table(stats), slowest_tokens(stats, 5, exported=summary.get("token_traces_exported", True))]
+        lines += ["", stats_table(stats), slowest_steps(stats, 5, exported=summary.get("step_traces_exported", True))]
     elif summary["offload"]:
         lines += ["", "offload statistics: none (tracing was off: --trace-level off)"]
     return "\n".join([*lines, "output:", _printable(summary["output_text"])])

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the most the end of a run waits for its traces and metrics to be sent, all exporters together (default %(default)s)",
     )
     tracing.add_argument("--trace-per-generation", action="store_true", help="one trace per generation instead of one per token (short runs)")
-    tracing.add_argument("--profile-every", type=int, default=None, help="print a profiling summary every N tokens")
+    tracing.add_argument("--profile-every", type=int, default=None, help="print a profiling summary every N steps (forward passes; one per token at batch 1)")
     tracing.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: when stderr is a terminal)")
     tracing.add_argument("--log-format", choices=LOG_FORMATS, default="console", help="log lines as console text or JSON (default console)")
     tracing.add_argument("--log-level", choices=LOG_LEVELS, default="info")

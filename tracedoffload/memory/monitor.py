@@ -1,9 +1,10 @@
-"""`MemoryMonitor`: memory readings per token, leak detection, metrics and alert delivery.
+"""`MemoryMonitor`: memory readings per step, leak detection, metrics and alert delivery.
 
 Plugged into a `TracingSession`: it takes the quiet-point reading on the model's thread at each
-step end (a few microseconds) and does everything else on the telemetry thread. An alert is
-delivered four ways: a structlog warning, an event on the token's span, the `leak_suspected`
-metric with the estimated bytes per token, and `on_alert` for the embedding application.
+step end (a few microseconds) and does everything else on the telemetry thread, where each step
+arrives with the KV tokens its live sequences hold. An alert is delivered four ways: a structlog
+warning, an event on the step's span, the `leak_suspected` metric with the estimated bytes per
+step, and `on_alert` for the embedding application.
 """
 
 from __future__ import annotations
@@ -61,18 +62,20 @@ class MemoryMonitor:
         """Model's thread, at a step end: the cheap reading."""
         return self.probe.quiet_point()
 
-    def begin_generation(self) -> None:
-        """Model's thread, before the prefill: the idle reading judges leaks across generations."""
+    def idle_point(self) -> None:
+        """Before a generation starts on an idle model (no sequence live, no KV cache held): the
+        reading that judges leaks across generations. Called by the tracing session."""
         idle = self.probe.quiet_point()
         for source, value in zip(SOURCES, idle):
-            alert = self.detectors[source].begin_generation(value)
+            alert = self.detectors[source].idle_point(value)
             if alert is not None:
                 self._deliver(alert, trace_id=None)
             elif self.metrics is not None and value is not None:
                 self.metrics.leak(source, self.detectors[source].suspected)
 
-    def on_token(self, token_index: int, quiet: QuietPoint | None, trace_id: int) -> tuple[dict[str, Any], tuple[Event, ...]]:
-        """Telemetry thread: judge the reading; return the token span's memory attributes and events."""
+    def on_step(self, step_index: int, kv_tokens: int, quiet: QuietPoint | None, trace_id: int) -> tuple[dict[str, Any], tuple[Event, ...]]:
+        """Telemetry thread: judge the reading after a step, when live sequences hold `kv_tokens`;
+        return the step span's memory attributes and events."""
         if quiet is None:
             return {}, ()
         attributes: dict[str, Any] = {names.MEMORY_PINNED: self.offloader.pinned_bytes}
@@ -90,16 +93,16 @@ class MemoryMonitor:
         if details.device_reserved_bytes is not None:
             attributes[names.MEMORY_DEVICE_RESERVED] = details.device_reserved_bytes
         if self.metrics is not None:
-            self.metrics.memory(quiet, details, self.offloader.pinned_bytes, str(self.offloader.device))
+            self.metrics.memory(quiet, details, self.offloader.pinned_bytes, str(self.offloader.device), kv_tokens)
         events = []
         for source, value in zip(SOURCES, quiet):
             if value is None:
                 continue
             detector = self.detectors[source]
-            alert = detector.observe(token_index, value)
+            alert = detector.observe(step_index, value, kv_tokens)
             if alert is not None:
                 self._deliver(alert, trace_id)
-                events.append(Event(names.EVENT_LEAK_SUSPECTED, {"source": alert.source, "bytes_per_token": alert.bytes_per_token, "excess_bytes": alert.excess_bytes}))
+                events.append(Event(names.EVENT_LEAK_SUSPECTED, {"source": alert.source, "bytes_per_step": alert.bytes_per_step, "excess_bytes": alert.excess_bytes}))
             elif self.metrics is not None:
                 self.metrics.leak(source, detector.suspected)
         return attributes, tuple(events)
@@ -109,9 +112,9 @@ class MemoryMonitor:
         log.warning(
             "memory.leak_suspected",
             source=alert.source,
-            bytes_per_token=round(alert.bytes_per_token),
+            bytes_per_step=round(alert.bytes_per_step),
             excess_bytes=alert.excess_bytes,
-            token_index=alert.token_index,
+            step_index=alert.step_index,
             scope=alert.scope,
             **({"trace_id": f"{trace_id:032x}"} if trace_id else {}),
         )

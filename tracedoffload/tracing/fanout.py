@@ -1,6 +1,6 @@
 """From the telemetry thread to the exporters: one `SpanBatcher` per exporter, with drops counted.
 
-A span is lost when its exporter's queue is full (refused, a token at a time), when the exporter
+A span is lost when its exporter's queue is full (refused, a step at a time), when the exporter
 fails, or when shutdown comes before it was sent. Each exporter is wrapped in a
 `CountingExporter` and every span handed over is counted here: after shutdown, handed minus
 exported is exactly what was lost.
@@ -46,8 +46,7 @@ class ExportSettings:
 class ExportFanout(SpanProcessor):
     """Hands spans to every exporter's batcher. Never blocks, never raises.
 
-    `export_token` takes one token's spans in one call; `on_end` (the provider's span processor
-    hook, used by the generation spans) takes one span.
+    `export` takes one step's spans (or one generation span) in one call.
     """
 
     def __init__(self, exporters: list[SpanExporter], settings: ExportSettings) -> None:
@@ -63,9 +62,9 @@ class ExportFanout(SpanProcessor):
         pass
 
     def on_end(self, span: ReadableSpan) -> None:
-        self.export_token((span,))
+        self.export((span,))
 
-    def export_token(self, spans: Sequence[ReadableSpan]) -> None:
+    def export(self, spans: Sequence[ReadableSpan]) -> None:
         with self._lock:
             self.handed += len(spans)
         for batcher in self._batchers:

@@ -1,8 +1,21 @@
 """The hot-path half of tracing: a `Timeline` that only collects and hands over.
 
-Per step it appends the offloader's records to a list and, at the step's end, passes the list to
-the telemetry thread in one bounded, non-blocking put. Spans are made over there. The only work
-done here per token is two random ids (so logs written during the token can carry its trace id).
+One forward pass is one step. A step serves one or more sequences, each the sequence of one
+generation (one request). Per step, on the thread running the model, this collects the offloader's
+records and notes which sequences the forward served: their generation, position, phase and token
+count. At the step's end it passes all of it to the telemetry thread in one bounded, non-blocking
+put; spans are made over there.
+
+Which sequences a step serves comes from one of two places:
+- **the context** (`open_in_context`): the generations opened in the context that runs the model,
+  in one batch, one per row of the forward's input (a `generate` call, batch 1 or more). Phases are
+  inferred: a sequence's first step is its prefill, then one new token per row is a decode and
+  several are a verify (speculative decoding's drafted tokens).
+- **a plan** (`plan_step`): whoever schedules a batch (a continuous-batching engine) says, before
+  each forward, which generations it serves and how. A plan is used for the next step only.
+
+KV tokens (what every live sequence holds in its cache) are tallied here, over all live sequences
+whatever context opened them: the leak detector judges memory beyond what they account for.
 """
 
 from __future__ import annotations
@@ -10,12 +23,14 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import random
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanContext
 
+from tracedoffload import names
 from tracedoffload.logs import bind_token, unbind_token
 from tracedoffload.timeline import LayerRecord, Timeline
 
@@ -27,28 +42,54 @@ REANCHOR_EVERY_S = 10.0
 
 @dataclasses.dataclass(frozen=True)
 class GenerationInfo:
-    """What every token of one generation shares."""
+    """What every step of one generation shares."""
 
     generation_id: str
-    span_context: SpanContext | None  # the generation span, which each token links to
-    per_token_traces: bool  # False: tokens are children of the generation span, in its trace
+    span_context: SpanContext | None  # the generation span, which its steps link to
+    per_step_traces: bool  # False: a step that serves only this generation is a child of its span
+    input_tokens: int  # the prompt's length: what its prefill processes
+    start_ns: int  # wall clock at its start (for the time to its first token)
 
 
-class _OpenGeneration:
-    """A generation in progress: what its steps share, and the index its next step takes."""
+class _OpenSequence:
+    """A live sequence: where it is, and how many steps and new tokens it has had."""
 
-    __slots__ = ("info", "next_index")
+    __slots__ = ("info", "position", "steps", "generated")
 
     def __init__(self, info: GenerationInfo) -> None:
         self.info = info
-        self.next_index = 0
+        self.position = 0  # tokens in its KV cache
+        self.steps = 0
+        self.generated = 0
+
+
+class StepSequence(NamedTuple):
+    """One sequence's part in one step."""
+
+    generation: GenerationInfo
+    position: int  # tokens in its cache before this step
+    phase: str  # one of names.PHASES
+    tokens: int  # tokens of it the forward processed
+    generated: int  # new tokens it got from this step (0 for a prefill chunk that is not the last)
+    step_number: int  # how many steps served it before this one (0: its first)
+
+
+class PlannedSequence(NamedTuple):
+    """What a scheduler says one sequence does in the next forward (see `plan_step`)."""
+
+    generation_id: str
+    phase: str
+    tokens: int
+    generated: int | None = None  # default: 0 for a prefill chunk, else 1
+    position: int | None = None  # default: as tallied here (the tokens it has processed so far)
 
 
 class StepPayload(NamedTuple):
-    """One step (prefill or decode token) as handed to the telemetry thread."""
+    """One step (forward pass) as handed to the telemetry thread."""
 
-    generation: GenerationInfo | None
-    token_index: int
+    step_index: int
+    sequences: tuple[StepSequence, ...]
+    kv_tokens: int  # held over every live sequence after this step
     trace_id: int
     span_id: int
     anchor: Any
@@ -58,26 +99,33 @@ class StepPayload(NamedTuple):
     memory: Any = None  # a QuietPoint taken at the step end, when a memory monitor is attached
 
 
-class TokenContext(NamedTuple):
+class GenerationEnd(NamedTuple):
+    """A generation ended (handed over after its steps, so it is handled after them)."""
+
+    generation: GenerationInfo
+    end_ns: int
+    output_tokens: int
+    finish_reason: str
+    attributes: Mapping[str, Any]  # the generation span's, set at its start
+    parent: SpanContext | None  # the generation span's parent (a request's span), if any
+
+
+class StepContext(NamedTuple):
     trace_id: int
     span_id: int
-    token_index: int
+    step_index: int
 
 
 class TracingTimeline(Timeline):
-    """Collects each step's records and submits them with `submit(payload) -> bool` (never blocks).
+    """Collects each step's records and submits them with `submit(item) -> bool` (never blocks).
 
-    A step belongs to the generation open in the context that runs it (a context variable, one
-    per recorder): generations opened in two threads, or two asyncio tasks, each get their own
-    steps, numbered from 0. A step outside any generation is numbered on the recorder.
-
-    Threading: a step's begin and end come from the thread running the forward; `submit` is the
-    hand-over to the telemetry thread.
+    Threading: a step's begin and end come from the thread running the forward (one at a time);
+    generations open and close from any thread.
     """
 
     def __init__(
         self,
-        submit: Callable[[StepPayload], bool],
+        submit: Callable[[Any], bool],
         anchor: Any,
         offload_attributes: Mapping[str, Any],
         quiet_point: Callable[[], Any] | None = None,
@@ -89,40 +137,92 @@ class TracingTimeline(Timeline):
         self.anchor = anchor
         self._anchored_at = time.monotonic()
         self.offload_attributes = dict(offload_attributes)
-        self._open: contextvars.ContextVar[_OpenGeneration | None] = contextvars.ContextVar(f"tracedoffload_generation_{id(self):x}", default=None)
-        self._step_generation: _OpenGeneration | None = None  # of the step in progress
-        self.current: TokenContext | None = None  # the token being computed
-        self._token_index = 0
+        self._group: contextvars.ContextVar[tuple[_OpenSequence, ...]] = contextvars.ContextVar(f"tracedoffload_generations_{id(self):x}", default=())
+        self._live: dict[str, _OpenSequence] = {}
+        self._lock = threading.Lock()  # guards _live and _kv_tokens (generations come and go from any thread)
+        self._kv_tokens = 0
+        self._plan: tuple[tuple[PlannedSequence, ...], int | None] | None = None
+        self._planned_kv: int | None = None
+        self._step_sequences: tuple[StepSequence, ...] = ()
+        self._step_opened: list[_OpenSequence] = []
+        self.current: StepContext | None = None  # the step being computed
+        self._step_index = 0
         self._records: list[LayerRecord] = []
         self._start: Any = None
 
-    def begin_generation(self, generation: GenerationInfo, anchor: Any) -> contextvars.Token:
-        """Open `generation` in the calling context; pass the result to `end_generation`."""
+    # -- generations (any thread) -------------------------------------------------------------------
+
+    @property
+    def live_generations(self) -> int:
+        return len(self._live)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self._kv_tokens
+
+    def open(self, generations: Sequence[GenerationInfo]) -> list[_OpenSequence]:
+        """Make generations live (a plan may name them; their KV is tallied until `close`)."""
+        opened = [_OpenSequence(info) for info in generations]
+        with self._lock:
+            for sequence in opened:
+                self._live[sequence.info.generation_id] = sequence
+        return opened
+
+    def open_in_context(self, generations: Sequence[GenerationInfo]) -> tuple[list[_OpenSequence], contextvars.Token]:
+        """Open `generations` as one batch in the calling context: each forward run from it serves them."""
+        opened = self.open(generations)
+        return opened, self._group.set(tuple(opened))
+
+    def close(self, opened: Sequence[_OpenSequence], context_token: contextvars.Token | None = None) -> None:
+        if context_token is not None:
+            try:
+                self._group.reset(context_token)
+            except ValueError:  # closed from another context than it was opened in
+                self._group.set(())
+        with self._lock:
+            for sequence in opened:
+                if self._live.pop(sequence.info.generation_id, None) is not None:
+                    self._kv_tokens -= sequence.position
+        if context_token is not None:
+            self.clear_current()
+
+    def reanchor_now(self, anchor: Any) -> None:
         self.anchor = anchor
         self._anchored_at = time.monotonic()
-        return self._open.set(_OpenGeneration(generation))
 
-    def end_generation(self, opened: contextvars.Token) -> None:
-        try:
-            self._open.reset(opened)
-        except ValueError:  # ended from another context than it was opened in
-            self._open.set(None)
-        self.clear_current()
+    def plan_step(self, sequences: Sequence[PlannedSequence], kv_tokens: int | None = None) -> None:
+        """Say what the next forward on this model serves (model's thread, just before it).
+
+        Args:
+            sequences: per sequence, its generation id (opened with `open`), phase, tokens.
+            kv_tokens: tokens held in KV caches after that step, when the scheduler knows better
+                than the tally here (a paged cache allocated up front).
+        """
+        self._plan = (tuple(sequences), kv_tokens)
 
     def clear_current(self) -> None:
-        """No token is being computed (the generation ended, or tracing was detached)."""
+        """No step is being computed (the generation ended, or tracing was detached)."""
         self.current = None
         unbind_token()
 
-    def step_begin(self, marker: Any) -> None:
+    # -- steps (the model's thread) -----------------------------------------------------------------
+
+    def step_begin(self, marker: Any, rows: int = 1, length: int = 1) -> None:
         self._start = marker
         self._records = []
-        self._step_generation = opened = self._open.get()
-        generation = opened.info if opened is not None else None
-        trace_id = generation.span_context.trace_id if generation and not generation.per_token_traces and generation.span_context else random.getrandbits(128)
-        index = opened.next_index if opened is not None else self._token_index
-        self.current = TokenContext(trace_id, random.getrandbits(64), index)
-        bind_token(self.current.trace_id, self.current.span_id)  # log lines of this context carry it
+        plan, self._plan = self._plan, None
+        if plan is not None:
+            self._step_opened, self._step_sequences = self._from_plan(plan[0])
+        else:
+            self._step_opened, self._step_sequences = self._from_context(length)
+        single = self._step_sequences[0].generation if len(self._step_sequences) == 1 else None
+        if single is not None and not single.per_step_traces and single.span_context is not None:
+            trace_id = single.span_context.trace_id
+        else:
+            trace_id = random.getrandbits(128)
+        self.current = StepContext(trace_id, random.getrandbits(64), self._step_index)
+        bind_token(trace_id, self.current.span_id)  # log lines of this context carry it
+        self._planned_kv = plan[1] if plan is not None else None
 
     def layer(self, record: LayerRecord) -> None:
         self._records.append(record)
@@ -132,16 +232,48 @@ class TracingTimeline(Timeline):
         if current is None:  # a step_end without its begin (hooks attached mid-forward)
             return
         memory = self._quiet_point() if self._quiet_point is not None else None
-        opened = self._step_generation
+        with self._lock:
+            for sequence, step in zip(self._step_opened, self._step_sequences):
+                if sequence.info.generation_id in self._live:
+                    self._kv_tokens += step.position + step.tokens - sequence.position
+                sequence.position = step.position + step.tokens
+                sequence.steps += 1
+                sequence.generated += step.generated
+            kv_tokens = self._kv_tokens if self._planned_kv is None else self._planned_kv
         self._submit(
-            StepPayload(opened.info if opened else None, current.token_index, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records, memory)
+            StepPayload(current.step_index, self._step_sequences, kv_tokens, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records, memory)
         )
         self._records = []
-        if opened is not None:
-            opened.next_index += 1
-        else:
-            self._token_index += 1
+        self._step_index += 1
         # After the hand-over, so every marker of a step is read against one anchor taken before it.
         if self._reanchor is not None and time.monotonic() - self._anchored_at >= REANCHOR_EVERY_S:
-            self.anchor = self._reanchor()
-            self._anchored_at = time.monotonic()
+            self.reanchor_now(self._reanchor())
+
+    def _from_context(self, length: int) -> tuple[list[_OpenSequence], tuple[StepSequence, ...]]:
+        group = self._group.get()
+        if not group:
+            return [], ()
+        steps = []
+        for sequence in group:
+            if sequence.steps == 0:
+                # The prompt (left-padded in a batch: its own length, not the padded one).
+                tokens = sequence.info.input_tokens if len(group) > 1 else length
+                phase, generated = names.PHASE_PREFILL, 1
+            else:
+                tokens = length
+                phase, generated = (names.PHASE_DECODE, 1) if length == 1 else (names.PHASE_VERIFY, 1)
+            steps.append(StepSequence(sequence.info, sequence.position, phase, tokens, generated, sequence.steps))
+        return list(group), tuple(steps)
+
+    def _from_plan(self, planned: tuple[PlannedSequence, ...]) -> tuple[list[_OpenSequence], tuple[StepSequence, ...]]:
+        opened, steps = [], []
+        live = self._live
+        for entry in planned:
+            sequence = live.get(entry.generation_id)
+            if sequence is None:  # ended already, or never opened: nothing to attribute it to
+                continue
+            generated = entry.generated if entry.generated is not None else (0 if entry.phase == names.PHASE_PREFILL_CHUNK else 1)
+            position = entry.position if entry.position is not None else sequence.position
+            opened.append(sequence)
+            steps.append(StepSequence(sequence.info, position, entry.phase, entry.tokens, generated, sequence.steps))
+        return opened, tuple(steps)

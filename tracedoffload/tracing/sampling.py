@@ -1,10 +1,10 @@
-"""Which tokens get their layer spans exported: the in-process tail rule.
+"""Which steps get their layer spans exported: the in-process tail rule.
 
-Every token is aggregated whatever this decides; it only chooses what leaves the process.
-A token's layer detail is exported when it is one of the first tokens, slower than an absolute
-threshold, slower than `relative_to_p95` times the running p95 of recent tokens, or the N-th of
-the rest. Deciding after the token has ended (its duration is known) is what makes this a tail
-rule: the slow tokens are the ones kept.
+Every step is aggregated whatever this decides; it only chooses what leaves the process.
+A step's layer detail is exported when it is one of the first steps of a generation it serves,
+slower than an absolute threshold, slower than `relative_to_p95` times the running p95 of recent
+steps, or the N-th of the rest. Deciding after the step has ended (its duration is known) is what
+makes this a tail rule: the slow steps are the ones kept.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ class SamplingPolicy:
 
     Args:
         level: "off" (no tracing), "generation" (generation spans), "token" (plus one trace per
-            token), "layer" (plus the layer spans of the tokens the tail rule picks).
-        first_tokens: the first N tokens of each generation always get layer detail.
-        slow_token_ms: tokens slower than this always get layer detail (None: no absolute rule).
-        relative_to_p95: tokens slower than this times the running p95 get layer detail (None: off).
-        every_n: one in N of the remaining tokens gets layer detail (1 = every token: full detail).
-        window: how many recent tokens the running p95 is computed over.
+            step, i.e. per token of a batch-1 run), "layer" (plus the layer spans of the steps
+            the tail rule picks).
+        first_tokens: a step that is among the first N steps of any generation it serves always
+            gets layer detail.
+        slow_token_ms: steps slower than this always get layer detail (None: no absolute rule).
+        relative_to_p95: steps slower than this times the running p95 get layer detail (None: off).
+        every_n: one in N of the remaining steps gets layer detail (1 = every step: full detail).
+        window: how many recent steps the running p95 is computed over.
     """
 
     level: str = "layer"
@@ -51,12 +53,12 @@ class SamplingPolicy:
 
     @classmethod
     def full_detail(cls) -> SamplingPolicy:
-        """Every token's layer spans exported."""
+        """Every step's layer spans exported."""
         return cls(level="layer", every_n=1)
 
 
 class TailSampler:
-    """Applies a `SamplingPolicy` token by token. Used from the telemetry thread only."""
+    """Applies a `SamplingPolicy` step by step. Used from the telemetry thread only."""
 
     def __init__(self, policy: SamplingPolicy) -> None:
         self.policy = policy
@@ -64,16 +66,17 @@ class TailSampler:
         self._sorted: list[int] = []
         self._since_sampled = 0
 
-    def decide(self, token_index: int, duration_ns: int) -> str | None:
-        """Why this token's layer detail is exported ("first", "slow", "relative", "every_n",
-        "all"), or None when it is not."""
+    def decide(self, first: bool, duration_ns: int) -> str | None:
+        """Why this step's layer detail is exported ("first", "slow", "relative", "every_n",
+        "all"), or None when it is not. `first`: it is among the first `first_tokens` steps of a
+        generation it serves."""
         policy = self.policy
         reason = None
         if policy.level != "layer":
             reason = None
         elif policy.every_n == 1:
             reason = "all"
-        elif token_index < policy.first_tokens:
+        elif first:
             reason = "first"
         elif policy.slow_token_ms is not None and duration_ns > policy.slow_token_ms * 1e6:
             reason = "slow"

@@ -1,12 +1,15 @@
-"""`TracingSession`: an offloader's timeline wired to OpenTelemetry.
+"""`TracingSession`: an offloader's steps and generations wired to OpenTelemetry.
 
-    model thread                     telemetry thread                  exporter threads
-    offloader hooks -> recorder --queue--> timings -> spans --+--> stats (every span)
-                                                              +--> export fan-out (sampled)
-                                                                     -> SpanBatcher -> exporter
+    model thread                        telemetry thread (pipeline.py)       exporter threads
+    offloader hooks -> recorder --queue--> timing -> spans --+--> stats (every span)
+    generation ends ------------/                            +--> export fan-out (sampled)
+                                                                   -> SpanBatcher -> exporter
 
-The model's thread does O(1) work per token beyond appending records; spans, statistics and
-export all happen elsewhere, behind bounded queues.
+One forward pass is one step (a `step` span), serving one sequence or many; a generation (one
+request) is a `text_completion {model}` span. Each step links to the generations it served and
+each generation carries an event per step, so a tracing UI goes both ways. The model's thread
+does O(1) work per step beyond appending records; spans, statistics and export all happen
+elsewhere, behind bounded queues.
 """
 
 from __future__ import annotations
@@ -16,14 +19,13 @@ import dataclasses
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import Event, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Span
+from opentelemetry.trace import SpanContext
 
 from tracedoffload import names
 from tracedoffload._checks import check_int, check_number
@@ -33,48 +35,60 @@ from tracedoffload.logs import get_logger
 from tracedoffload.offloader import Offloader
 from tracedoffload.timeline import NullTimeline
 from tracedoffload.tracing import lifecycle
-from tracedoffload.tracing.clock import HostClock, clock_for
 from tracedoffload.tracing.fanout import ExportFanout, ExportSettings
-from tracedoffload.tracing.recorder import GenerationInfo, StepPayload, TracingTimeline
-from tracedoffload.tracing.sampling import SamplingPolicy, TailSampler
-from tracedoffload.tracing.stats import OffloadStats, StatsSpanProcessor
-from tracedoffload.tracing.token_spans import SpanFactory, TokenTimer, TokenTiming
+from tracedoffload.tracing.generations import GenerationLedger, new_span_context
+from tracedoffload.tracing.pipeline import GenerationListener, StepListener, StepPipeline
+from tracedoffload.tracing.recorder import GenerationEnd, GenerationInfo, PlannedSequence, TracingTimeline
+from tracedoffload.tracing.sampling import SamplingPolicy
+from tracedoffload.tracing.stats import OffloadStats
+from tracedoffload.tracing.step_spans import SpanFactory, StepTimer
 from tracedoffload.tracing.worker import TelemetryWorker
 
 log = get_logger("tracedoffload.tracing")
 
 SCOPE_NAME = "tracedoffload"
-TokenListener = Callable[[TokenTiming, OffloadStats], None]
 
 
 @dataclasses.dataclass
 class GenerationHandle:
-    """The running generation; set `output_tokens` (and `finish_reason`) before it ends."""
+    """A running generation; set `output_tokens` (and `finish_reason`) before it ends."""
 
     generation_id: str
-    span: Span | None
+    span_context: SpanContext | None  # its span's (None when tracing is off)
     output_tokens: int = 0
     finish_reason: str = "length"
+    _info: GenerationInfo | None = None
+    _opened: Any = None
+    _attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _parent: SpanContext | None = None
+    _ended: bool = False
 
 
 class TracingSession:
-    """Traces an offloaded model: one trace per token, linked to its generation span.
+    """Traces an offloaded model: one trace per step (forward pass), linked to its generations.
 
     Args:
         exporters: where sampled spans go (OTLP, a JSON-lines file, Perfetto, ...); may be empty,
             statistics are kept regardless.
         policy: level of detail and the tail rule for layer spans.
-        per_token_traces: True (default): each token is its own trace linked to the generation;
-            False: one trace per generation, tokens as children of the generation span.
+        per_step_traces: True (default): each step is its own trace, linked to the generations
+            it served; False: one trace per generation, a step that serves only that generation
+            being a child of its span (a step of several generations stays a root, linked).
         resource: the OpenTelemetry resource; by default `default_resource()`: OTEL_SERVICE_NAME
             and OTEL_RESOURCE_ATTRIBUTES, with service.name `tracedoffload` when neither names one.
         max_queued_steps: steps waiting for the telemetry thread before new ones are dropped.
         batch_interval_s: how long the telemetry thread rests between batches of steps (0: wake
-            for every token). Token listeners, hence live metrics, lag by up to this much.
+            for every step). Listeners, hence live metrics, lag by up to this much.
         export: bounds of the export path.
 
-    Threading: `attach`, `generation` and `shutdown` from the model's thread; `snapshot` from any.
-    Never raises into the model: telemetry failures are logged and counted.
+    Generations: `generation()` (one) or `generations()` (a batch) trace the forwards run in their
+    context; `open_generation()` / `end_generation()` with `plan_step()` are for a scheduler
+    that runs many generations' sequences in one forward (continuous batching). Any number may be
+    open at once, from any thread; each step is attributed to the generations it served.
+
+    Threading: `attach`, `plan_step` and the steps from the model's thread; generations from any
+    thread; `snapshot` from any. Never raises into the model: telemetry failures are logged and
+    counted.
 
     Processes: a session belongs to the process that made it. Its threads do not survive a fork,
     so in a forked child (a pre-forking server's worker) the inherited session records nothing
@@ -87,7 +101,7 @@ class TracingSession:
         exporters: Sequence[SpanExporter] = (),
         *,
         policy: SamplingPolicy | None = None,
-        per_token_traces: bool = True,
+        per_step_traces: bool = True,
         resource: Resource | None = None,
         max_queued_steps: int = 1024,
         batch_interval_s: float = 0.25,
@@ -99,27 +113,17 @@ class TracingSession:
         check_number("batch_interval_s", batch_interval_s, 0, 10, "seconds between 0 and 10")
         self.monitor: Any = None  # a MemoryMonitor, set by `monitor_memory`
         self.policy = policy or SamplingPolicy()
-        self.per_token_traces = per_token_traces
+        self.per_step_traces = per_step_traces
         self.stats = OffloadStats()
-        self._stats_processor = StatsSpanProcessor(self.stats)
         self._fanout = ExportFanout(list(exporters), export or ExportSettings())
-        # Our own exit hook rather than the provider's: it drains the telemetry thread first,
-        # bounds the wait, and is a no-op in a forked child. Private: only the generation spans
-        # go through it (token and layer spans are built as ReadableSpans and handed to the
-        # fan-out directly), so a processor added to it would see a fraction of the spans.
-        self._provider = TracerProvider(resource=resource or default_resource(), shutdown_on_exit=False)
-        self._provider.add_span_processor(self._stats_processor)
-        self._provider.add_span_processor(self._fanout)
-        self._tracer = self._provider.get_tracer(SCOPE_NAME, __version__)
+        self.resource = resource or default_resource()
         self._scope = InstrumentationScope(SCOPE_NAME, __version__)
-        self._sampler = TailSampler(self.policy)
-        self._listeners: list[TokenListener] = []
+        ledger = GenerationLedger(self.resource, self._scope, step_events=self.policy.level in ("token", "layer"))
+        self._pipeline = StepPipeline(self.policy, self.stats, self._fanout, ledger)
         self._offloader: Offloader | None = None
         self._recorder: TracingTimeline | None = None
-        self._timer: TokenTimer | None = None
-        self._factory: SpanFactory | None = None
         self._clock: Any = None
-        self._worker = TelemetryWorker(self._handle_step, max_queued_steps, float(batch_interval_s))
+        self._worker = TelemetryWorker(self._pipeline.handle, max_queued_steps, float(batch_interval_s))
         self._closed = False
         self._pid = os.getpid()
         self._orphaned = False  # set in a forked child, where the threads above do not exist
@@ -144,10 +148,11 @@ class TracingSession:
         if self.policy.level == "off":
             return
         streams = offloader.streams
-        self._clock = clock_for(offloader.device)
+        self._clock = streams.clock
         offload_attributes = offload_span_attributes(offloader)
-        self._timer = TokenTimer(self._clock.resolve, len(offloader.layers), host_clock=isinstance(self._clock, HostClock))
-        self._factory = SpanFactory(self._provider.resource, self._scope, streams.copy_stream_name, offload_attributes)
+        timer = StepTimer(self._clock.resolve, len(offloader.layers), host_clock=self._clock.host)
+        factory = SpanFactory(self.resource, self._scope, streams.copy_stream_name, offload_attributes)
+        self._pipeline.bind(timer, factory, None if self._clock.host else self._clock.recycle)
         quiet_point = self.monitor.quiet_point if self.monitor is not None else None
         self._recorder = TracingTimeline(self._submit, self._clock.anchor(), offload_attributes, quiet_point, reanchor=self._clock.anchor)
         self._offloader = offloader
@@ -162,55 +167,125 @@ class TracingSession:
             self._recorder.clear_current()
 
     def monitor_memory(self, monitor: Any) -> None:
-        """Add a `tracedoffload.memory.monitor.MemoryMonitor` (before `attach`): memory on every token span,
+        """Add a `tracedoffload.memory.monitor.MemoryMonitor` (before `attach`): memory on every step span,
         leak detection and alerts."""
         if self._recorder is not None:
             raise TracingStateError("monitor_memory() must be called before attach()")
         self.monitor = monitor
+        self._pipeline.monitor = monitor
 
-    def add_token_listener(self, listener: TokenListener) -> None:
-        """Call `listener(timing, stats)` on the telemetry thread after each token is aggregated."""
-        self._listeners.append(listener)
+    def add_step_listener(self, listener: StepListener) -> None:
+        """Call `listener(timing, stats)` on the telemetry thread after each step is aggregated."""
+        self._pipeline.step_listeners.append(listener)
+
+    def add_generation_listener(self, listener: GenerationListener) -> None:
+        """Call `listener(result)` on the telemetry thread when a generation has ended (after its steps)."""
+        self._pipeline.generation_listeners.append(listener)
+
+    # -- generations ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def generation(self, model_name: str, input_tokens: int, max_new_tokens: int | None = None) -> Iterator[GenerationHandle]:
-        """Trace one generation: a `text_completion {model}` span that every token links to."""
+    def generation(
+        self, model_name: str, input_tokens: int, max_new_tokens: int | None = None, *, parent: SpanContext | None = None
+    ) -> Iterator[GenerationHandle]:
+        """Trace one generation: the forwards run in this context serve it."""
+        with self.generations(model_name, [input_tokens], max_new_tokens, parent=parent) as handles:
+            yield handles[0]
+
+    @contextlib.contextmanager
+    def generations(
+        self, model_name: str, input_tokens: Sequence[int], max_new_tokens: int | None = None, *, parent: SpanContext | None = None
+    ) -> Iterator[list[GenerationHandle]]:
+        """Trace a batch: one generation per sequence (per row of the forwards run in this
+        context), each with its own span, output length and finish reason.
+
+        Args:
+            input_tokens: each sequence's prompt length, without padding.
+            parent: the span the generations' spans are children of (a request's), if any.
+        """
+        handles = [self._new_handle(model_name, count, max_new_tokens, parent) for count in input_tokens]
+        recorder = self._recorder
+        opened = context_token = None
+        if recorder is not None and handles[0]._info is not None:
+            self._before_opening(recorder)
+            opened, context_token = recorder.open_in_context([h._info for h in handles])
+        try:
+            yield handles
+        finally:
+            if recorder is not None and opened is not None:
+                recorder.close(opened, context_token)
+            for handle in handles:
+                self._submit_end(handle)
+
+    def open_generation(
+        self, model_name: str, input_tokens: int, max_new_tokens: int | None = None, *, parent: SpanContext | None = None
+    ) -> GenerationHandle:
+        """Start a generation that a scheduler serves through `plan_step` (no context needed);
+        end it with `end_generation`."""
+        handle = self._new_handle(model_name, input_tokens, max_new_tokens, parent)
+        recorder = self._recorder
+        if recorder is not None and handle._info is not None:
+            self._before_opening(recorder)
+            handle._opened = recorder.open([handle._info])
+        return handle
+
+    def end_generation(self, handle: GenerationHandle, output_tokens: int | None = None, finish_reason: str | None = None) -> None:
+        """End a generation from `open_generation` (idempotent)."""
+        if output_tokens is not None:
+            handle.output_tokens = output_tokens
+        if finish_reason is not None:
+            handle.finish_reason = finish_reason
+        if self._recorder is not None and handle._opened is not None:
+            self._recorder.close(handle._opened)
+            handle._opened = None
+        self._submit_end(handle)
+
+    def plan_step(self, sequences: Sequence[PlannedSequence], kv_tokens: int | None = None) -> None:
+        """Say which generations the next forward serves and how (model's thread, just before the
+        forward; see `recorder.PlannedSequence`). Without a plan, a forward serves the
+        generations opened in its context."""
+        if self._recorder is not None:
+            self._recorder.plan_step(sequences, kv_tokens)
+
+    def _new_handle(self, model_name: str, input_tokens: int, max_new_tokens: int | None, parent: SpanContext | None) -> GenerationHandle:
         if self._closed:
             raise TracingStateError("this TracingSession is shut down: a generation opened now would record nothing")
+        check_int("input_tokens", input_tokens, 0)
         generation_id = secrets.token_hex(8)
-        span = None
         if self._orphaned and not self._fork_warned:
             self._fork_warned = True
             log.warning("tracing.forked_session", created_in=self._pid, pid=os.getpid(), hint="create a TracingSession after the fork; steps are dropped")
-        if self.policy.level != "off" and not self._orphaned:
-            attributes: dict[str, Any] = {
-                names.GEN_AI_OPERATION_NAME: names.GEN_AI_OPERATION,
-                names.GEN_AI_PROVIDER_NAME: names.PROVIDER,
-                names.GEN_AI_REQUEST_MODEL: model_name,
-                names.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
-                names.GENERATION_ID: generation_id,
-            }
-            if max_new_tokens is not None:
-                attributes[names.GEN_AI_REQUEST_MAX_TOKENS] = max_new_tokens
-            if self._recorder is not None:
-                attributes.update(self._recorder.offload_attributes)
-            span = self._tracer.start_span(f"{names.GEN_AI_OPERATION} {model_name}", attributes=attributes)
-        handle = GenerationHandle(generation_id, span)
-        if self.monitor is not None:
-            self.monitor.begin_generation()
-        recorder, opened = self._recorder, None
-        if recorder is not None:
-            info = GenerationInfo(generation_id, span.get_span_context() if span else None, self.per_token_traces)
-            opened = recorder.begin_generation(info, self._clock.anchor())
-        try:
-            yield handle
-        finally:
-            if recorder is not None and opened is not None:
-                recorder.end_generation(opened)
-            if span is not None:
-                span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, handle.output_tokens)
-                span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, (handle.finish_reason,))
-                span.end()
+        if self.policy.level == "off" or self._orphaned:
+            return GenerationHandle(generation_id, None)
+        attributes: dict[str, Any] = {
+            names.GEN_AI_OPERATION_NAME: names.GEN_AI_OPERATION,
+            names.GEN_AI_PROVIDER_NAME: names.PROVIDER,
+            names.GEN_AI_REQUEST_MODEL: model_name,
+            names.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
+        }
+        if max_new_tokens is not None:
+            attributes[names.GEN_AI_REQUEST_MAX_TOKENS] = max_new_tokens
+        if self._recorder is not None:
+            attributes.update(self._recorder.offload_attributes)
+        context = new_span_context(parent)
+        info = GenerationInfo(generation_id, context, self.per_step_traces, input_tokens, time.time_ns())
+        return GenerationHandle(generation_id, context, _info=info, _attributes=attributes, _parent=parent)
+
+    def _before_opening(self, recorder: TracingTimeline) -> None:
+        if self.monitor is not None and recorder.live_generations == 0:
+            self.monitor.idle_point()  # nothing holds a KV cache now: leaks across generations show
+        if recorder.live_generations == 0 and self._clock is not None:
+            recorder.reanchor_now(self._clock.anchor())
+
+    def _submit_end(self, handle: GenerationHandle) -> None:
+        if handle._ended or handle._info is None:
+            return
+        handle._ended = True
+        end = GenerationEnd(handle._info, time.time_ns(), handle.output_tokens, handle.finish_reason, handle._attributes, handle._parent)
+        if self._orphaned:
+            self._worker.refuse(spans=1)
+        else:
+            self._worker.submit_last(end)
 
     # -- results --------------------------------------------------------------------------------
 
@@ -229,14 +304,14 @@ class TracingSession:
         return snapshot
 
     def drain(self, timeout_s: float = 30.0) -> bool:
-        """Wait (bounded) until every finished token is aggregated: the statistics are complete.
+        """Wait (bounded) until every finished step is aggregated: the statistics are complete.
         Exports may still be in flight (`flush` waits for those too); no network is waited on."""
         if self._orphaned:
             return False
         return self._worker.drain(timeout_s)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait (bounded) until every finished token is aggregated and handed to the exporters."""
+        """Wait (bounded) until every finished step is aggregated and handed to the exporters."""
         if self._orphaned:
             return False
         return self._worker.drain(timeout_s) and self._fanout.force_flush(int(timeout_s * 1000))
@@ -264,9 +339,9 @@ class TracingSession:
             log.warning("tracing.spans_lost", dropped_spans=lost, finished=done)
         return done and not lost
 
-    # -- the telemetry thread -------------------------------------------------------------------
+    # -- the hand-over to the telemetry thread ---------------------------------------------------
 
-    def _submit(self, payload: StepPayload) -> bool:
+    def _submit(self, payload: Any) -> bool:
         if self._orphaned:
             # Not even a put: the queue's lock may have been held by the parent's telemetry
             # thread at the fork, and would be held here for ever. (Logged by `generation`.)
@@ -279,38 +354,6 @@ class TracingSession:
         self._worker.dropped_items = self._worker.dropped_spans = 0  # count this process's own
         self.stats.reset_lock_after_fork()
 
-    def _handle_step(self, payload: StepPayload) -> None:
-        timing = self._timer.time(payload)
-        if self._offloader is not None and self._offloader.streams.kind == "cuda":
-            self._offloader.streams.recycle(_markers(payload))
-        level = self.policy.level
-        sampled_by = self._sampler.decide(payload.token_index, timing.duration_ns) if level == "layer" else None
-        slow = sampled_by in ("slow", "relative")
-        events: tuple[Event, ...] = (Event(names.EVENT_SLOW_TOKEN, {"reason": sampled_by}, timestamp=timing.end_ns),) if slow else ()
-        memory_attributes: dict[str, Any] = {}
-        if self.monitor is not None:
-            memory_attributes, memory_events = self.monitor.on_token(payload.token_index, payload.memory, payload.trace_id)
-            events += memory_events
-        token_span = self._factory.token_span(timing, sampled_by, events, memory_attributes)
-        if slow:
-            log.warning(
-                "token.slow",
-                ms=round(timing.duration_ns / 1e6, 3),
-                token_index=payload.token_index,
-                reason=sampled_by,
-                trace_id=f"{payload.trace_id:032x}",
-                span_id=f"{payload.span_id:016x}",
-            )
-        # Layer spans are made only for tokens whose detail leaves the process, and go to the
-        # exporters only: the statistics read the token span, which carries every layer's figures.
-        layer_spans = self._factory.layer_spans(timing, token_span) if sampled_by is not None else []
-        self._stats_processor.on_end(token_span)
-        if level in ("token", "layer"):
-            layer_spans.append(token_span)
-            self._fanout.export_token(layer_spans)
-        for listener in self._listeners:
-            listener(timing, self.stats)
-
 
 def default_resource() -> Resource:
     """The SDK's resource from the environment, named `tracedoffload` unless the environment names
@@ -322,7 +365,7 @@ def default_resource() -> Resource:
 
 
 def offload_span_attributes(offloader: Offloader) -> dict[str, Any]:
-    """The offload configuration as span attributes (on the generation and on every token)."""
+    """The offload configuration as span attributes (on the generation and on every step)."""
     return {
         names.OFFLOAD_GPU_LAYERS: len(offloader.resident_indices),
         names.OFFLOAD_CPU_LAYERS: len(offloader.offloaded_indices),
@@ -334,11 +377,3 @@ def offload_span_attributes(offloader: Offloader) -> dict[str, Any]:
         names.OFFLOAD_DEVICE_POOL_BYTES: offloader.device_pool_bytes,
         names.OFFLOAD_PINNED_BYTES: offloader.pinned_bytes,
     }
-
-
-def _markers(payload: StepPayload) -> list[Any]:
-    seen: dict[int, Any] = {id(payload.start): payload.start, id(payload.end): payload.end}
-    for record in payload.records:
-        seen[id(record.start)] = record.start
-        seen[id(record.end)] = record.end
-    return list(seen.values())

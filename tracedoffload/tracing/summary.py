@@ -1,5 +1,5 @@
 """Text renderings of the statistics: the end-of-run table, the periodic profiling summary, and
-the slowest-token list. Pure functions of a stats snapshot (see stats.py); they print nothing."""
+the slowest-step list. Pure functions of a stats snapshot (see stats.py); they print nothing."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ def stats_table(stats: dict[str, Any]) -> str:
     """The end-of-run statistics table, in the terms of the device it ran on: on a CPU device the
     "transfer" is a memcpy within host memory that cannot overlap compute (one set of cores does
     both), so the rows about overlap and device memory saved, which cannot apply, are left out."""
-    if not stats.get("tokens"):
-        return f"offload statistics: none ({stats.get('reason', 'no tokens traced')})"
+    if not stats.get("steps"):
+        return f"offload statistics: none ({stats.get('reason', 'no steps traced')})"
     breakdown = stats["time_breakdown"]
-    latency = stats["token_latency_ms"]
+    latency = stats["step_latency_ms"]
+    per_token = stats["per_generated_token"]
     on_cpu = str(stats.get("device") or "").startswith("cpu")
     copy = "host->slot copy ms (CPU memcpy)" if on_cpu else "cpu->gpu transfer ms"
     rows = [
@@ -21,8 +22,9 @@ def stats_table(stats: dict[str, Any]) -> str:
         ("offloading", "enabled" if stats["enabled"] else "disabled (every layer resident)"),
         ("gpu / cpu layers" if not on_cpu else "resident / offloaded", f"{stats['gpu_layers']} / {stats['cpu_layers']}"),
         ("generations", str(stats.get("generations", 1))),
-        ("tokens (decode)", f"{stats['tokens']} ({stats['decode_tokens']})"),
-        ("token latency ms", f"p50 {latency['p50']:.2f}  p90 {latency['p90']:.2f}  p99 {latency['p99']:.2f}  max {latency['max']:.2f}"),
+        ("steps (forwards)", f"{stats['steps']}  ({_phases(stats['steps_by_phase'])})"),
+        ("generated tokens", f"{stats['generated_tokens']}  ({_per_token(per_token)})"),
+        ("step latency ms", f"p50 {latency['p50']:.2f}  p90 {latency['p90']:.2f}  p99 {latency['p99']:.2f}  max {latency['max']:.2f}"),
         ("pure computation ms", f"{breakdown['pure_computation_ms']:.2f}"),
         (copy, f"{breakdown['cpu_to_gpu_transfer_ms']:.2f}  ({stats['transfer_gbps']:.2f} GB/s, avg {stats['avg_layer_transfer_ms']:.3f} ms/layer)"),
         ("release ms" if on_cpu else "gpu->cpu release ms", f"{breakdown['gpu_to_cpu_release_ms']:.2f}  (pointer swap, no copy back)"),
@@ -37,32 +39,43 @@ def stats_table(stats: dict[str, Any]) -> str:
             ("vram saved", f"{stats['vram_saved_gb']:.4f} GB  (pinned host {stats['pinned_bytes'] / 2**20:.1f} MiB)"),
         ]
     rows += [
-        ("tokens with layer detail", str(stats["layer_detail_tokens"])),
+        ("steps with layer detail", str(stats["layer_detail_steps"])),
         ("dropped spans", "not known from a trace file" if stats["dropped_spans"] is None else str(stats["dropped_spans"])),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(["offload statistics (from spans)"] + [f"  {name:<{width}}  {value}" for name, value in rows])
 
 
-def slowest_tokens(stats: dict[str, Any], limit: int = 10, *, exported: bool = True) -> str:
-    """The slowest tokens with the trace ids to open in Jaeger or Tempo.
+def slowest_steps(stats: dict[str, Any], limit: int = 10, *, exported: bool = True) -> str:
+    """The slowest steps with the trace ids to open in Jaeger or Tempo.
 
     Args:
-        exported: whether the tokens' traces were exported; when not (a run at --trace-level
+        exported: whether the steps' traces were exported; when not (a run at --trace-level
             generation), the ids are still listed, but not as something to open.
     """
     where = "open the trace id in Jaeger/Tempo" if exported else "their traces were not exported at this --trace-level"
-    lines = [f"slowest tokens ({where})"]
-    for token in stats.get("slowest_tokens", [])[:limit]:
-        lines.append(f"  {token['ms']:9.3f} ms  token {token['token_index']:>5}  {token['phase']:<7}  trace {token['trace_id']}  generation {token['generation_id']}")
+    lines = [f"slowest steps ({where})"]
+    for step in stats.get("slowest_steps", [])[:limit]:
+        served = ", ".join(step["generation_ids"][:3]) + (f" +{len(step['generation_ids']) - 3}" if len(step["generation_ids"]) > 3 else "")
+        lines.append(f"  {step['ms']:9.3f} ms  step {step['step_index']:>5}  {step['phase']:<13}  x{step['sequences']:<3}  trace {step['trace_id']}  generation {served}")
     return "\n".join(lines)
 
 
-def profile_summary(stats: dict[str, Any], token_count: int) -> str:
+def _phases(by_phase: dict[str, int]) -> str:
+    return ", ".join(f"{count} {phase}" for phase, count in by_phase.items())
+
+
+def _per_token(per_token: dict[str, Any]) -> str:
+    if per_token.get("steps") is None:
+        return "no new tokens"
+    return f"per token: {per_token['steps']:.2f} forwards, {per_token['transfer_bytes'] / 2**20:.2f} MiB copied"
+
+
+def profile_summary(stats: dict[str, Any], step_count: int) -> str:
     """The periodic profiling summary (per-layer compute, transfers, theoretical savings)."""
     lines = [
-        f"profiling summary - token {token_count}",
-        "  per layer (* = offloaded): compute is the average ms per token; transfer and waited are totals so far",
+        f"profiling summary - step {step_count}",
+        "  per layer (* = offloaded): compute is the average ms per step; transfer and waited are totals so far",
         f"    {'layer':>9}  {'compute avg ms':>14}  {'transfer total ms':>17}  {'waited total ms':>15}",
     ]
     for index, row in stats.get("per_layer", {}).items():

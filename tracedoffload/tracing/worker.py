@@ -1,7 +1,9 @@
 """The telemetry thread: takes finished steps from a bounded queue and turns them into spans.
 
 The model's thread only ever calls `submit`, which never blocks: when the queue is full the step
-is dropped and counted, and the generation goes on.
+is dropped and counted, and the generation goes on. A generation's end goes through `submit_last`
+instead, never dropped (one per request, not one per step, and losing it would lose the request's
+span and figures): it is handled once everything queued before it has been.
 
 The thread works in batches: it handles everything queued, then rests `batch_interval_s` before
 looking again. Each wake-up costs CPU beyond the work (a cold cache, a GIL hand-over): telemetry
@@ -13,6 +15,7 @@ CPU is taken from the model. A `drain` or `stop` cuts the rest short.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -24,6 +27,7 @@ from tracedoffload.logs import get_logger
 log = get_logger("tracedoffload.tracing")
 
 _STOP = object()
+_WAKE = object()
 
 
 class TelemetryWorker:
@@ -40,6 +44,7 @@ class TelemetryWorker:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queued)
         self._batch_interval_s = batch_interval_s
         self._wake = threading.Event()  # set by drain/stop: skip the rest between batches
+        self._after: collections.deque[Any] = collections.deque()  # submit_last's items
         self.dropped_items = 0
         self.dropped_spans = 0
         self.errors = 0
@@ -55,6 +60,15 @@ class TelemetryWorker:
             self.refuse(spans)
             return False
 
+    def submit_last(self, item: Any) -> None:
+        """Queue an item beyond the bound, never dropped; handled after every item submitted
+        before it. For rare items (one per generation), never per step."""
+        self._after.append(item)
+        try:
+            self._queue.put_nowait(_WAKE)  # an idle thread waits on the queue
+        except queue.Full:
+            pass  # a full queue means the thread is busy: it reaches the item after the queue
+
     def refuse(self, spans: int = 0) -> None:
         """Count an item dropped without being queued."""
         self.dropped_items += 1
@@ -63,7 +77,7 @@ class TelemetryWorker:
     def drain(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for every queued item to be handled; True when all were."""
         deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
+        while self._queue.unfinished_tasks or self._after:
             self._wake.set()  # again each time: steps may still arrive from another thread
             if time.monotonic() >= deadline or not self._thread.is_alive():
                 return False
@@ -87,16 +101,28 @@ class TelemetryWorker:
             item = self._queue.get()  # blocks while idle: no polling between generations
             while True:
                 if item is _STOP:
+                    self._handle_after()
                     self._queue.task_done()
                     return
-                self._handle_one(item)
+                if item is _WAKE:
+                    self._queue.task_done()
+                else:
+                    self._handle_one(item)
+                    self._queue.task_done()
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+            # Everything submitted before these items was in the queue, now handled.
+            self._handle_after()
             if self._batch_interval_s > 0 and not self._wake.is_set():
                 self._wake.wait(self._batch_interval_s)
             self._wake.clear()
+
+    def _handle_after(self) -> None:
+        while self._after:
+            self._handle_one(self._after[0])
+            self._after.popleft()  # after handling: drain() waits while it is still there
 
     def _handle_one(self, item: Any) -> None:
         try:
@@ -105,5 +131,3 @@ class TelemetryWorker:
             self.errors += 1
             if self.errors <= 3:
                 log.error("telemetry.step_failed", error=repr(error), errors=self.errors)
-        finally:
-            self._queue.task_done()

@@ -1,7 +1,7 @@
 """Chrome trace-event JSON, for a look at one run in ui.perfetto.dev (or chrome://tracing).
 
 Spans are buffered in memory and written as complete events (`"ph": "X"`) on named tracks of one
-process, `tracedoffload`: the generation span, tokens, layer transfers, layer computes and layer
+process, `tracedoffload`: the generation spans, steps, layer transfers, layer computes and layer
 releases each get a track of their own, so the copy stream's work lines up under the compute it
 feeds. Times are microseconds relative to the earliest span (the absolute origin is kept in
 `otherData.origin_unix_ns`): an absolute epoch in float microseconds would only resolve a quarter
@@ -27,7 +27,7 @@ from tracedoffload.names import (
     GEN_AI_OPERATION_NAME,
     SPAN_COMPUTE,
     SPAN_RELEASE,
-    SPAN_TOKEN,
+    SPAN_STEP,
     SPAN_TRANSFER,
 )
 
@@ -37,8 +37,8 @@ __all__ = ["PROCESS_NAME", "TRACKS", "PerfettoExporter", "track_of"]
 
 PROCESS_NAME = "tracedoffload"
 # Track names in display order; a track's thread id is its position plus one.
-TRACKS = ("generation", "tokens", "transfers", "compute", "releases", "other")
-_TRACK_BY_SPAN = {SPAN_TOKEN: "tokens", SPAN_TRANSFER: "transfers", SPAN_COMPUTE: "compute", SPAN_RELEASE: "releases"}
+TRACKS = ("generation", "steps", "transfers", "compute", "releases", "other")
+_TRACK_BY_SPAN = {SPAN_STEP: "steps", SPAN_TRANSFER: "transfers", SPAN_COMPUTE: "compute", SPAN_RELEASE: "releases"}
 _TID = {track: index + 1 for index, track in enumerate(TRACKS)}
 _PID = 1
 _WRITE_CHUNK = 10_000  # events encoded per write, so a large trace never sits in memory as one string

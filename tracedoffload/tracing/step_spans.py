@@ -1,7 +1,7 @@
-"""Turning one step's records into the spans of one token, on the telemetry thread.
+"""Turning one step's records into its spans, on the telemetry thread.
 
-The token's trace: a root `token` span (linked to its generation) with a child per layer transfer,
-compute and release, each carrying explicit start and end times taken from the device (CUDA
+The step's trace: a root `step` span (one forward pass; it names the sequences it served and links
+to their generations' spans) with a child per layer transfer, compute and release, each carrying explicit start and end times taken from the device (CUDA
 events) or the host clock, never from when Python asked for the work. Spans are the SDK's own
 `ReadableSpan`s, built directly: going through `Tracer.start_span` would cost about six times as
 much per span, and these spans are already finished when they are made.
@@ -21,14 +21,14 @@ from opentelemetry.trace import Link, SpanContext, TraceFlags
 
 from tracedoffload import names
 from tracedoffload.timeline import COMPUTE, RELEASE, TRANSFER
-from tracedoffload.tracing.recorder import StepPayload
+from tracedoffload.tracing.recorder import StepPayload, StepSequence
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _LAYER_SPAN_NAMES = {TRANSFER: names.SPAN_TRANSFER, COMPUTE: names.SPAN_COMPUTE, RELEASE: names.SPAN_RELEASE}
 
 
-class TokenTiming(NamedTuple):
-    """A step with every marker resolved to wall-clock ns, and the per-token figures."""
+class StepTiming(NamedTuple):
+    """A step with every marker resolved to wall-clock ns, and its figures."""
 
     payload: StepPayload
     start_ns: int
@@ -37,18 +37,18 @@ class TokenTiming(NamedTuple):
     ends: list[int]
     wait_ns: dict[int, int]  # per record index of an offloaded compute: time it waited for its copy
     overlap_ns: dict[int, int]  # per record index of a transfer: time it ran beside a compute
-    sums: dict[str, int]  # the TOKEN_*_NS totals
-    layers: dict[str, list[int]]  # the TOKEN_LAYERS_* arrays, indexed by layer index
+    sums: dict[str, int]  # the STEP_* totals
+    layers: dict[str, list[int]]  # the STEP_LAYERS_* arrays, indexed by layer index
 
     @property
     def duration_ns(self) -> int:
         return self.end_ns - self.start_ns
 
 
-class TokenTimer:
+class StepTimer:
     """Resolves markers and derives waits and overlaps. Keeps the last copy end per layer, since a
     layer's copy may be issued in the step before the one that computes it (wrap-around prefetch).
-    Used from the telemetry thread only; runs once per token, so it is written as one flat pass.
+    Used from the telemetry thread only; runs once per step, so it is written as one flat pass.
 
     Args:
         resolve: `clock.resolve(anchor, marker) -> wall ns`.
@@ -62,7 +62,7 @@ class TokenTimer:
         self._host_clock = host_clock
         self._last_copy: dict[int, tuple[int, int]] = {}  # layer -> (start, end) of its latest copy
 
-    def time(self, payload: StepPayload) -> TokenTiming:
+    def time(self, payload: StepPayload) -> StepTiming:
         records = payload.records
         anchor = payload.anchor
         if self._host_clock:
@@ -107,24 +107,24 @@ class TokenTimer:
             else:
                 release[layer] += finish - begin
         layers = {
-            names.TOKEN_LAYERS_COMPUTE_NS: compute,
-            names.TOKEN_LAYERS_TRANSFER_NS: transfer,
-            names.TOKEN_LAYERS_RELEASE_NS: release,
-            names.TOKEN_LAYERS_WAIT_NS: wait,
-            names.TOKEN_LAYERS_OVERLAP_NS: overlap,
-            names.TOKEN_LAYERS_TRANSFER_BYTES: nbytes,
+            names.STEP_LAYERS_COMPUTE_NS: compute,
+            names.STEP_LAYERS_TRANSFER_NS: transfer,
+            names.STEP_LAYERS_RELEASE_NS: release,
+            names.STEP_LAYERS_WAIT_NS: wait,
+            names.STEP_LAYERS_OVERLAP_NS: overlap,
+            names.STEP_LAYERS_TRANSFER_BYTES: nbytes,
         }
         sums = {
-            names.TOKEN_COMPUTE_NS: sum(compute),
-            names.TOKEN_TRANSFER_NS: sum(transfer),
-            names.TOKEN_RELEASE_NS: sum(release),
-            names.TOKEN_WAIT_NS: sum(wait),
-            names.TOKEN_OVERLAP_NS: sum(overlap),
-            names.TOKEN_TRANSFER_BYTES: sum(nbytes),
-            names.TOKEN_TRANSFERS: len(overlap_ns),
-            names.TOKEN_PREFETCHED: sum(1 for r in records if r.kind == TRANSFER and r.prefetched),
+            names.STEP_COMPUTE_NS: sum(compute),
+            names.STEP_TRANSFER_NS: sum(transfer),
+            names.STEP_RELEASE_NS: sum(release),
+            names.STEP_WAIT_NS: sum(wait),
+            names.STEP_OVERLAP_NS: sum(overlap),
+            names.STEP_TRANSFER_BYTES: sum(nbytes),
+            names.STEP_TRANSFERS: len(overlap_ns),
+            names.STEP_PREFETCHED: sum(1 for r in records if r.kind == TRANSFER and r.prefetched),
         }
-        return TokenTiming(payload, start_ns, end_ns, starts, ends, wait_ns, overlap_ns, sums, layers)
+        return StepTiming(payload, start_ns, end_ns, starts, ends, wait_ns, overlap_ns, sums, layers)
 
 
 def _overlap(start: int, end: int, compute_starts: list[int], compute_ends: list[int]) -> int:
@@ -138,8 +138,21 @@ def _overlap(start: int, end: int, compute_starts: list[int], compute_ends: list
     return covered
 
 
+# Links from a step to the generations it served, at most this many (a backend caps them too:
+# OTEL_SPAN_LINK_COUNT_LIMIT is 128 by default); `step.generations` keeps the full count.
+MAX_STEP_LINKS = 32
+
+
+def step_phase(sequences: tuple[StepSequence, ...]) -> str:
+    """The step's phase: its sequences' one phase, or `mixed`."""
+    if not sequences:
+        return names.PHASE_DECODE
+    first = sequences[0].phase
+    return first if all(s.phase == first for s in sequences) else names.PHASE_MIXED
+
+
 class SpanFactory:
-    """Builds `ReadableSpan`s for one token. Used from the telemetry thread only."""
+    """Builds `ReadableSpan`s for one step. Used from the telemetry thread only."""
 
     def __init__(self, resource: Resource, scope: InstrumentationScope, copy_stream: str, offload_attributes: dict[str, Any]) -> None:
         self.resource = resource
@@ -147,46 +160,61 @@ class SpanFactory:
         self.copy_stream = copy_stream
         self.offload_attributes = offload_attributes
 
-    def token_span(self, timing: TokenTiming, sampled_by: str | None, events: tuple[Event, ...] = (), extra: dict[str, Any] | None = None) -> ReadableSpan:
+    def step_span(self, timing: StepTiming, sampled_by: str | None, events: tuple[Event, ...] = (), extra: dict[str, Any] | None = None) -> ReadableSpan:
         payload = timing.payload
-        generation = payload.generation
+        sequences = payload.sequences
         attributes: dict[str, Any] = {
-            names.TOKEN_INDEX: payload.token_index,
-            names.TOKEN_PHASE: names.PHASE_PREFILL if payload.token_index == 0 else names.PHASE_DECODE,
-            names.TOKEN_LAYER_DETAIL: sampled_by is not None,
-            names.TOKEN_SAMPLED_BY: sampled_by or "none",
+            names.STEP_INDEX: payload.step_index,
+            names.STEP_PHASE: step_phase(sequences),
+            names.STEP_SEQUENCES: len(sequences),
+            names.STEP_TOKENS: sum(s.tokens for s in sequences),
+            names.STEP_GENERATED_TOKENS: sum(s.generated for s in sequences),
+            names.STEP_KV_TOKENS: payload.kv_tokens,
+            names.STEP_LAYER_DETAIL: sampled_by is not None,
+            names.STEP_SAMPLED_BY: sampled_by or "none",
             **self.offload_attributes,
             **timing.sums,
             **timing.layers,
             **(extra or {}),
         }
         parent = None
-        links: tuple[Link, ...] = ()
-        if generation is not None:
-            attributes[names.GENERATION_ID] = generation.generation_id
-            if generation.span_context is not None:
-                if generation.per_token_traces:
-                    links = (Link(generation.span_context),)
-                else:
-                    parent = generation.span_context
+        links: list[Link] = []
+        generations = {s.generation.generation_id: s.generation for s in sequences}
+        attributes[names.STEP_GENERATIONS] = len(generations)
+        if len(sequences) == 1:
+            only = sequences[0]
+            attributes[names.GENERATION_ID] = only.generation.generation_id
+            attributes[names.STEP_POSITION] = only.position
+            context = only.generation.span_context
+            if context is not None and not only.generation.per_step_traces:
+                parent = context  # one trace per generation: its steps are its children
+        elif sequences:
+            attributes[names.STEP_SEQUENCE_GENERATION_IDS] = [s.generation.generation_id for s in sequences]
+            attributes[names.STEP_SEQUENCE_POSITIONS] = [s.position for s in sequences]
+            attributes[names.STEP_SEQUENCE_PHASES] = [s.phase for s in sequences]
+            attributes[names.STEP_SEQUENCE_TOKENS] = [s.tokens for s in sequences]
+        if parent is None:
+            for generation in list(generations.values())[:MAX_STEP_LINKS]:
+                if generation.span_context is not None:
+                    links.append(Link(generation.span_context, {names.GENERATION_ID: generation.generation_id}))
         context = SpanContext(payload.trace_id, payload.span_id, is_remote=False, trace_flags=_SAMPLED)
         return ReadableSpan(
-            name=names.SPAN_TOKEN,
+            name=names.SPAN_STEP,
             context=context,
             parent=parent,
             resource=self.resource,
             attributes=attributes,
-            links=links,
+            links=tuple(links),
             events=events,
             start_time=timing.start_ns,
             end_time=timing.end_ns,
             instrumentation_scope=self.scope,
         )
 
-    def layer_spans(self, timing: TokenTiming, token_span: ReadableSpan) -> list[ReadableSpan]:
-        # Up to ~60 spans per token at full detail: names, the resource and the scope are hoisted
+    def layer_spans(self, timing: StepTiming, step_span: ReadableSpan) -> list[ReadableSpan]:
+        # Up to ~60 spans per step at full detail: names, the resource and the scope are hoisted
         # into locals and records unpacked once (measured: a third of this method's time).
-        parent = token_span.context
+        parent = step_span.context
         trace_id = parent.trace_id
         resource, scope, copy_stream = self.resource, self.scope, self.copy_stream
         starts, ends, wait_ns, overlap_ns = timing.starts, timing.ends, timing.wait_ns, timing.overlap_ns
