@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level, stream=_CurrentStderr())
     # Validate everything that needs no model before loading one: bad flags fail fast, and
     # before torch and transformers are imported.
-    policy = telemetry_flags.check_arguments(args)
+    settings = telemetry_flags.check_arguments(args)
     config = None if args.no_offload else _config_from_flags(args)
     import torch
 
@@ -108,24 +108,24 @@ def run(args: argparse.Namespace) -> int:
     from tracedoffload.cli import _telemetry
 
     offloader = offload(model, config)
-    telemetry = _telemetry.start(args, policy, offloader, name, kv_bytes_per_token(model.config, _weights_dtype(model)))
+    telemetry = _telemetry.start(args, settings, offloader, name, kv_bytes_per_token(model.config, _weights_dtype(model)))
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
         generation = generate_once(model, tokenizer, args.prompt, args.max_new_tokens, telemetry.session, name, **prompting)
         telemetry.finish_statistics()
     except BaseException:
-        telemetry.flush_exports(args.export_budget)  # what was traced before the failure is still sent
+        telemetry.close()  # what was traced before the failure is still sent, within the budget
         raise
     finally:
         offloader.detach()
     summary = run_summary(name, placement, generation, telemetry.stats, args.max_new_tokens)
-    summary["trace_file"] = str(telemetry.trace_file) if telemetry.trace_file else None
-    summary["perfetto_file"] = str(telemetry.perfetto) if telemetry.perfetto else None
-    summary["step_traces_exported"] = policy.level in ("token", "layer") and telemetry.exports_spans
+    summary["trace_file"] = str(settings.trace_file) if settings.trace_file and telemetry.session else None
+    summary["perfetto_file"] = str(settings.perfetto) if settings.perfetto and telemetry.session else None
+    summary["step_traces_exported"] = settings.sampling.level in ("token", "layer") and telemetry.exports_spans
     summary["leak_alerts"] = [dataclasses.asdict(alert) for alert in telemetry.monitor.alerts] if telemetry.monitor else []
     # The summary first: a collector that is down must not hold what the run measured.
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
-    telemetry.flush_exports(args.export_budget)
+    telemetry.flush_exports()
     telemetry.linger_and_close(args.metrics_linger)
     return EXIT_INTERRUPTED if generation.finish_reason == FINISH_INTERRUPTED else 0
 
