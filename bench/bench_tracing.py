@@ -83,7 +83,7 @@ def main() -> None:
     print(f"device {offloader.device}, {args.rounds} interleaved rounds x {args.tokens} tokens, half the layers offloaded")
     for name, value in median.items():
         spread = f"min {min(results[name]):.2f} max {max(results[name]):.2f}"
-        detail = f"  (tokens with layer detail, dropped spans in last run: {spans_exported[name]})" if name in spans_exported else ""
+        detail = f"  (steps with layer detail, dropped spans in last run: {spans_exported[name]})" if name in spans_exported else ""
         print(f"  {name:<8} median {value:7.2f} ms/token  {spread}{detail}")
     # Paired ratios: the three runs of a round are back to back and share the machine's phase, so
     # their ratio is less exposed to a noisy neighbour than the ratio of two medians.

@@ -1,4 +1,5 @@
-"""One greedy generation, timed and optionally traced: what `tracedoffload run` and the benchmarks run.
+"""Greedy generation, timed and optionally traced: one prompt (what `tracedoffload run` and the
+benchmarks run) or a batch of prompts in one `generate`.
 
 A prompt goes through the tokenizer's chat template when it has one (a user turn, after an
 optional system turn), so an instruction-tuned model answers it and stops at its end-of-turn
@@ -135,6 +136,77 @@ def generate_once(
     stop_token = tokenizer.decode([int(new_tokens[-1])], skip_special_tokens=False) if stopped else None
     text = tokenizer.decode(new_tokens, skip_special_tokens=True)
     return Generation(input_ids.shape[1], new_tokens.numel(), seconds, text, finish_reason, stop_token)
+
+
+def generate_batched(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    session: TracingSession | None = None,
+    model_name: str = "",
+    *,
+    system: str | None = None,
+    raw: bool = False,
+) -> list[Generation]:
+    """Greedy-generate after every prompt in one batched `generate` (left-padded): each forward
+    serves every sequence, which is what spreads an offloaded layer's copy over the batch. Traced
+    as one generation per prompt, each with its own length and finish reason.
+
+    A sequence that reaches an end-of-sequence token stops there (`FINISH_STOP`; the batch runs
+    on until its last sequence stops, and what a finished row is fed after is not its output);
+    the others end at `max_new_tokens` (`FINISH_LENGTH`). `seconds` is the batch's wall time.
+
+    Raises:
+        TracedOffloadError: no prompts, or a prompt as `encode_prompt` refuses it.
+    """
+    if not prompts:
+        raise TracedOffloadError("prompts=[] : give at least one prompt")
+    device = model.get_input_embeddings().weight.device
+    encoded = [encode_prompt(tokenizer, prompt, system=system, raw=raw)["input_ids"][0] for prompt in prompts]
+    lengths = [len(ids) for ids in encoded]
+    width = max(lengths)
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids) :] = ids
+        attention_mask[row, width - len(ids) :] = 1
+    stop_ids = eos_ids(model)
+    _synchronize(device)
+    traced = session.generations(model_name, lengths, max_new_tokens) if session is not None else contextlib.nullcontext([None] * len(prompts))
+    started = time.perf_counter()
+    with torch.inference_mode(), traced as handles:
+        output = model.generate(
+            input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=sorted(stop_ids) or None,
+        )
+        results = []
+        for row, handle in enumerate(handles):
+            new_tokens = output[row, width:].tolist()
+            end = next((n + 1 for n, token in enumerate(new_tokens) if token in stop_ids), None)
+            kept = new_tokens[:end] if end is not None else new_tokens
+            finish_reason = FINISH_STOP if end is not None else FINISH_LENGTH
+            if handle is not None:
+                handle.output_tokens, handle.finish_reason = len(kept), finish_reason
+            results.append((kept, finish_reason))
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    return [
+        Generation(
+            length,
+            len(kept),
+            seconds,
+            tokenizer.decode(kept, skip_special_tokens=True),
+            finish_reason,
+            tokenizer.decode(kept[-1:], skip_special_tokens=False) if finish_reason == FINISH_STOP else None,
+        )
+        for length, (kept, finish_reason) in zip(lengths, results)
+    ]
 
 
 class StopOnInterrupt(StoppingCriteria):

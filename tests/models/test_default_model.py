@@ -57,6 +57,40 @@ class TestAnswers:
         assert (offloaded.text, offloaded.generated_tokens) == (resident.text, 24)
 
 
+    def test_a_batch_gives_each_prompt_its_own_answer_length_and_finish(self, default_model):
+        """Three prompts of different lengths in one offloaded, traced `generate`: each answer
+        equals its prompt run alone (greedy), stops at its own end-of-turn or at the maximum, and
+        is its own generation span with that length and finish reason; every forward served all
+        three."""
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from tracedoffload import names
+        from tracedoffload.generation import FINISH_LENGTH, generate_batched
+        from tracedoffload.tracing.sampling import SamplingPolicy
+        from tracedoffload.tracing.session import TracingSession
+
+        model, tokenizer = default_model.model, default_model.tokenizer
+        prompts = [QUESTION, "Say yes.", "List the first twenty prime numbers, separated by commas, with no other text."]
+        alone = [generate_once(model, tokenizer, prompt, 20) for prompt in prompts]
+        exporter = InMemorySpanExporter()
+        session = TracingSession([exporter], policy=SamplingPolicy(level="token"))
+        offloader = offload(model, OffloadConfig(preset="balanced"))
+        try:
+            session.attach(offloader)
+            batched = generate_batched(model, tokenizer, prompts, 20, session, "smollm2")
+        finally:
+            session.shutdown(10)
+            offloader.detach()
+        assert [(g.text, g.generated_tokens, g.finish_reason) for g in batched] == [(g.text, g.generated_tokens, g.finish_reason) for g in alone]
+        assert {g.finish_reason for g in batched} == {FINISH_STOP, FINISH_LENGTH}  # both ways of ending, in one batch
+        spans = exporter.get_finished_spans()
+        generations = sorted((s for s in spans if s.name == "text_completion smollm2"), key=lambda s: s.attributes[names.GEN_AI_USAGE_INPUT_TOKENS])
+        by_length = sorted(batched, key=lambda g: g.prompt_tokens)
+        assert [(s.attributes[names.GEN_AI_USAGE_OUTPUT_TOKENS], s.attributes[names.GEN_AI_RESPONSE_FINISH_REASONS][0]) for s in generations] == [(g.generated_tokens, g.finish_reason) for g in by_length]
+        steps = [s for s in spans if s.name == names.SPAN_STEP]
+        assert steps and all(s.attributes[names.STEP_SEQUENCES] == 3 for s in steps)
+
+
 class TestCache:
     def test_first_load_converts_and_the_second_reads_the_cache(self, default_model_xdg):
         """The session's first load converted the GGUF; a second load reads the cached entry,

@@ -80,7 +80,6 @@ def assert_both_ways(steps, generations) -> None:
     for step in steps:
         ids = served(step)
         assert step.attributes[names.STEP_GENERATIONS] == len(set(ids))
-        assert {link.attributes[names.GENERATION_ID] for link in step.links} == set(ids)
         assert {link.context.span_id for link in step.links} == {generations[g].context.span_id for g in ids}
         for generation_id in ids:
             by_generation[generation_id].append(f"{step.context.trace_id:032x}")

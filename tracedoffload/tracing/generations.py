@@ -70,24 +70,16 @@ class GenerationLedger:
         self._open: collections.OrderedDict[str, _Progress] = collections.OrderedDict()
 
     def on_step(self, payload: StepPayload, end_ns: int) -> None:
-        trace_hex = span_hex = None
+        attributes = None  # one dict for every generation this step served
         for sequence in payload.sequences:
             progress = self._progress(sequence.generation.generation_id)
             progress.steps += 1
             if progress.first_token_ns is None and sequence.generated > 0:
                 progress.first_token_ns = end_ns
             if self.step_events and len(progress.events) < MAX_STEP_EVENTS:
-                if trace_hex is None:
-                    trace_hex, span_hex = f"{payload.trace_id:032x}", f"{payload.span_id:016x}"
-                attributes = {
-                    names.EVENT_STEP_TRACE_ID: trace_hex,
-                    names.EVENT_STEP_SPAN_ID: span_hex,
-                    names.STEP_INDEX: payload.step_index,
-                    names.STEP_PHASE: sequence.phase,
-                    names.STEP_POSITION: sequence.position,
-                    names.STEP_TOKENS: sequence.tokens,
-                    names.STEP_SEQUENCES: len(payload.sequences),
-                }
+                if attributes is None:
+                    # Only the way to the step: its phase, position and tokens are on the step span.
+                    attributes = {names.EVENT_STEP_TRACE_ID: f"{payload.trace_id:032x}", names.EVENT_STEP_SPAN_ID: f"{payload.span_id:016x}"}
                 progress.events.append(Event(names.EVENT_STEP, attributes, timestamp=end_ns))
 
     def on_end(self, end: GenerationEnd, export_span: bool) -> tuple[ReadableSpan | None, GenerationResult]:

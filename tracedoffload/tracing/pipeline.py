@@ -67,7 +67,9 @@ class StepPipeline:
         if self._recycle is not None:
             self._recycle(_markers(payload))
         level = self.policy.level
-        first = any(s.step_number < self.policy.first_tokens for s in payload.sequences)
+        sequences = payload.sequences
+        first_tokens = self.policy.first_tokens
+        first = sequences[0].step_number < first_tokens if len(sequences) == 1 else any(s.step_number < first_tokens for s in sequences)
         sampled_by = self._sampler.decide(first, timing.duration_ns) if level == "layer" else None
         slow = sampled_by in ("slow", "relative")
         events: tuple[Event, ...] = (Event(names.EVENT_SLOW_STEP, {"reason": sampled_by}, timestamp=timing.end_ns),) if slow else ()

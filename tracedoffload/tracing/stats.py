@@ -111,6 +111,9 @@ class OffloadStats:
             if key in attributes:
                 self._offload[key] = attributes[key]
         self._add_layers(attributes)
+        slowest = self._slowest
+        if len(slowest) >= self._slowest_kept and duration_ns <= slowest[0][0]:
+            return  # not among the slowest: the entry is not even built (this runs every step)
         generations = attributes.get(names.STEP_SEQUENCE_GENERATION_IDS) or ([attributes[names.GENERATION_ID]] if names.GENERATION_ID in attributes else [])
         entry = (
             duration_ns,
@@ -120,10 +123,10 @@ class OffloadStats:
             trace_id,
             ",".join(dict.fromkeys(str(g) for g in generations)),
         )
-        if len(self._slowest) < self._slowest_kept:
-            heapq.heappush(self._slowest, entry)
-        elif entry > self._slowest[0]:
-            heapq.heapreplace(self._slowest, entry)
+        if len(slowest) < self._slowest_kept:
+            heapq.heappush(slowest, entry)
+        elif entry > slowest[0]:
+            heapq.heapreplace(slowest, entry)
 
     def _add_layers(self, attributes: Mapping[str, Any]) -> None:
         layers = self._layers

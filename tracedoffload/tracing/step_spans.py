@@ -163,12 +163,43 @@ class SpanFactory:
     def step_span(self, timing: StepTiming, sampled_by: str | None, events: tuple[Event, ...] = (), extra: dict[str, Any] | None = None) -> ReadableSpan:
         payload = timing.payload
         sequences = payload.sequences
+        parent = None
+        links: tuple[Link, ...] = ()
+        if len(sequences) == 1:  # batch 1: the common case, kept flat (this runs every step)
+            only = sequences[0]
+            generation = only.generation
+            per_sequence: dict[str, Any] = {
+                names.STEP_PHASE: only.phase,
+                names.STEP_SEQUENCES: 1,
+                names.STEP_GENERATIONS: 1,
+                names.STEP_TOKENS: only.tokens,
+                names.STEP_GENERATED_TOKENS: only.generated,
+                names.GENERATION_ID: generation.generation_id,
+                names.STEP_POSITION: only.position,
+            }
+            if generation.span_context is not None:
+                if generation.per_step_traces:
+                    links = (Link(generation.span_context),)
+                else:
+                    parent = generation.span_context  # one trace per generation: its steps are its children
+        else:
+            generations = {s.generation.generation_id: s.generation for s in sequences}
+            per_sequence = {
+                names.STEP_PHASE: step_phase(sequences),
+                names.STEP_SEQUENCES: len(sequences),
+                names.STEP_GENERATIONS: len(generations),
+                names.STEP_TOKENS: sum(s.tokens for s in sequences),
+                names.STEP_GENERATED_TOKENS: sum(s.generated for s in sequences),
+            }
+            if sequences:
+                per_sequence[names.STEP_SEQUENCE_GENERATION_IDS] = [s.generation.generation_id for s in sequences]
+                per_sequence[names.STEP_SEQUENCE_POSITIONS] = [s.position for s in sequences]
+                per_sequence[names.STEP_SEQUENCE_PHASES] = [s.phase for s in sequences]
+                per_sequence[names.STEP_SEQUENCE_TOKENS] = [s.tokens for s in sequences]
+            links = tuple(Link(g.span_context) for g in list(generations.values())[:MAX_STEP_LINKS] if g.span_context is not None)
         attributes: dict[str, Any] = {
             names.STEP_INDEX: payload.step_index,
-            names.STEP_PHASE: step_phase(sequences),
-            names.STEP_SEQUENCES: len(sequences),
-            names.STEP_TOKENS: sum(s.tokens for s in sequences),
-            names.STEP_GENERATED_TOKENS: sum(s.generated for s in sequences),
+            **per_sequence,
             names.STEP_KV_TOKENS: payload.kv_tokens,
             names.STEP_LAYER_DETAIL: sampled_by is not None,
             names.STEP_SAMPLED_BY: sampled_by or "none",
@@ -177,26 +208,6 @@ class SpanFactory:
             **timing.layers,
             **(extra or {}),
         }
-        parent = None
-        links: list[Link] = []
-        generations = {s.generation.generation_id: s.generation for s in sequences}
-        attributes[names.STEP_GENERATIONS] = len(generations)
-        if len(sequences) == 1:
-            only = sequences[0]
-            attributes[names.GENERATION_ID] = only.generation.generation_id
-            attributes[names.STEP_POSITION] = only.position
-            context = only.generation.span_context
-            if context is not None and not only.generation.per_step_traces:
-                parent = context  # one trace per generation: its steps are its children
-        elif sequences:
-            attributes[names.STEP_SEQUENCE_GENERATION_IDS] = [s.generation.generation_id for s in sequences]
-            attributes[names.STEP_SEQUENCE_POSITIONS] = [s.position for s in sequences]
-            attributes[names.STEP_SEQUENCE_PHASES] = [s.phase for s in sequences]
-            attributes[names.STEP_SEQUENCE_TOKENS] = [s.tokens for s in sequences]
-        if parent is None:
-            for generation in list(generations.values())[:MAX_STEP_LINKS]:
-                if generation.span_context is not None:
-                    links.append(Link(generation.span_context, {names.GENERATION_ID: generation.generation_id}))
         context = SpanContext(payload.trace_id, payload.span_id, is_remote=False, trace_flags=_SAMPLED)
         return ReadableSpan(
             name=names.SPAN_STEP,
@@ -204,7 +215,7 @@ class SpanFactory:
             parent=parent,
             resource=self.resource,
             attributes=attributes,
-            links=tuple(links),
+            links=links,
             events=events,
             start_time=timing.start_ns,
             end_time=timing.end_ns,
