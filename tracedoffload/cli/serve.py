@@ -1,0 +1,106 @@
+"""`tracedoffload serve`: an OpenAI-compatible server over the offloaded model.
+
+    tracedoffload serve                                   # the default model on 127.0.0.1:8000
+    tracedoffload serve --preset aggressive --max-batch-size 16
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
+
+Takes `run`'s model, offload and telemetry flags. Requests are decoded greedily (sampling comes
+with the generation-features work; a request asking for it is refused by name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from tracedoffload._exceptions import ConfigError
+from tracedoffload.cli import model_flags, telemetry_flags
+
+DEFAULT_PORT = 8000
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `serve` subcommand."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the offloaded model over an OpenAI-compatible HTTP API, with continuous batching",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model_flags.add_arguments(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0: any free port)")
+    server.add_argument("--max-batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    server.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per forward, decodes and prefill chunks together (default 256)")
+    server.add_argument("--max-context-tokens", type=int, default=2048, help="prompt plus completion, per request; sizes the KV cache (default 2048)")
+    server.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before new ones get 429 (default 64)")
+    server.add_argument("--default-max-tokens", type=int, default=256, help="completion tokens when a request does not say (default 256)")
+    server.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    telemetry_flags.add_arguments(parser)
+    parser.set_defaults(handler=serve, max_new_tokens=None, progress=False, profile_every=None, metrics_linger=0.0)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load, offload, start the engine and the HTTP server; on SIGTERM or Ctrl-C, stop serving,
+    stop the engine, send the telemetry (within --export-budget) and exit 0."""
+    from tracedoffload.logs import configure_logging
+
+    configure_logging(args.log_format, args.log_level, stream=sys.stderr)
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("port", args.port, "a TCP port from 1 to 65535, or 0 for any free port")
+    if args.max_body_bytes < 1:
+        raise ConfigError("max_body_bytes", args.max_body_bytes, "an integer >= 1")
+    from tracedoffload.serve.engine import EngineSettings
+
+    engine_settings = EngineSettings(
+        max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        max_context_tokens=args.max_context_tokens,
+        max_queue=args.max_queue,
+        default_max_tokens=args.default_max_tokens,
+    )
+    if args.trace_file is None:
+        args.no_trace_file = True  # a server writes no trace file unless asked: it runs for days
+    settings = telemetry_flags.check_arguments(args)
+    config = model_flags.offload_config(args)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise ConfigError("serve", "missing", "installed with its extra: pip install 'tracedoffload[serve]'") from None
+    from tracedoffload.models import load_model
+    from tracedoffload.offloader import offload, resolve_device
+    from tracedoffload.serve.app import create_app
+    from tracedoffload.serve.engine import Engine
+    from tracedoffload.telemetry import Telemetry
+
+    config, dtype = model_flags.with_dtype(config, args)
+    device = resolve_device(args.device)
+    print(f"tracedoffload: loading {args.model or 'the default model'}", file=sys.stderr, flush=True)
+    loaded = load_model(args.model, dtype, seed=args.seed, notify=lambda message: print(f"tracedoffload: {message}", file=sys.stderr, flush=True))
+    model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
+    offloader = offload(model, config) if config is not None else None
+    if offloader is None:
+        model.to(device)
+    telemetry: Any = None
+    if offloader is not None:
+        # The paged KV cache is allocated when the engine starts, not per token: no KV growth to expect.
+        telemetry = Telemetry(settings, offloader, name, 0, metrics=True)
+        telemetry.start()
+    engine = Engine(model, tokenizer, name, engine_settings, telemetry.session if telemetry else None)
+    engine.start()
+    app = create_app(engine, registry=telemetry.registry if telemetry else None, max_body_bytes=args.max_body_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off"))
+    print(f"tracedoffload: serving {name} on http://{args.host}:{args.port}/v1 (max batch {engine_settings.max_batch_size})", file=sys.stderr, flush=True)
+    try:
+        server.run()  # returns on SIGTERM / SIGINT, after in-flight responses (uvicorn's graceful shutdown)
+    finally:
+        engine.stop()
+        if telemetry is not None:
+            telemetry.close()
+        if offloader is not None:
+            offloader.detach()
+    return 0

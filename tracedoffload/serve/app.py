@@ -1,0 +1,164 @@
+"""The HTTP side of `serve`: OpenAI's routes over the engine, FastAPI on uvicorn.
+
+    POST /v1/chat/completions   messages -> the chat template -> the engine (stream or not)
+    POST /v1/completions        prompt -> the engine
+    GET  /v1/models             the one model served
+    GET  /health                the process answers (200)
+    GET  /ready                 the engine can take requests (200), or not (503)
+    GET  /metrics               Prometheus exposition of the telemetry's metrics
+
+Every error is OpenAI's error shape (`protocol.ApiError`): 400 naming the field, 404 for an
+unknown model, 413 for a body over the limit, 429 with Retry-After when the engine is full, 500
+when the engine failed; never a traceback. Bodies are read and checked here, not by FastAPI's
+validation (whose 422 and error shape are not OpenAI's).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tracedoffload.logs import get_logger
+from tracedoffload.serve.admission import QueueFull
+from tracedoffload.serve.engine import Engine, EngineFailed
+from tracedoffload.serve.protocol import ApiError, chunk, completion, new_id, parse_request, usage_chunk
+from tracedoffload.serve.text import TextStream
+
+log = get_logger("tracedoffload.serve")
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The app over a started `engine`; `registry`: the Prometheus registry /metrics serves."""
+    app = FastAPI(title="tracedoffload", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.error("serve.unexpected_error", path=request.url.path, error=repr(error), exc_info=error)
+        return JSONResponse(ApiError(500, "internal error (logged on the server)", kind="server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if engine.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready", "reason": engine.failure or "the engine is not running"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        if registry is None:
+            raise ApiError(404, "metrics are off (--trace-level off)", kind="not_found_error")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS, generate_latest as openmetrics
+
+        if "application/openmetrics-text" in request.headers.get("accept", ""):  # exemplars need OpenMetrics
+            return Response(openmetrics(registry), media_type=OPENMETRICS)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "tracedoffload"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await _complete(request, "chat")
+
+    @app.post("/v1/completions")
+    async def text(request: Request) -> Response:
+        return await _complete(request, "text")
+
+    async def _complete(http: Request, kind: str) -> Response:
+        body = await _read_body(http, max_body_bytes)
+        request = parse_request(body, kind)
+        if request.model != engine.model_name:
+            raise ApiError(404, f"model {request.model!r} does not exist; this server serves {engine.model_name!r} (GET /v1/models)", "model", "not_found_error", "model_not_found")
+        prompt_ids = engine.prompt_ids(request.messages, request.prompt)
+        limit = engine.settings.max_context_tokens
+        max_tokens = request.max_tokens or min(engine.settings.default_max_tokens, max(1, limit - len(prompt_ids)))
+        if len(prompt_ids) + max_tokens > limit:
+            field = "messages" if kind == "chat" else "prompt"
+            raise ApiError(400, f"{field}: {len(prompt_ids)} prompt tokens plus max_tokens {max_tokens} exceed the context of {limit} tokens (--max-context-tokens)", field)
+        try:
+            ticket = engine.admit(request.priority)
+        except QueueFull as error:
+            raise ApiError(429, str(error), kind="rate_limit_error", code="rate_limit_exceeded", retry_after_s=error.retry_after_s) from None
+        except EngineFailed as error:
+            raise ApiError(503, f"the engine cannot take requests: {error}", kind="server_error") from None
+        outputs = engine.generate(ticket, prompt_ids, max_tokens, chat=kind == "chat")
+        response_id = new_id(kind)
+        if request.stream:
+            return StreamingResponse(_events(request, response_id, ticket, outputs, len(prompt_ids)), media_type="text/event-stream")
+        text_stream = TextStream(engine.tokenizer, request.stop)
+        tokens: list[int] = []
+        finish_reason = "length"
+        try:
+            async for output in outputs:
+                tokens = output.tokens
+                text_stream.advance(tokens, final=output.finished)
+                if text_stream.stopped:
+                    finish_reason = "stop"
+                    break
+                if output.finished:
+                    finish_reason = output.finish_reason or "length"
+        except EngineFailed as error:
+            raise ApiError(500, str(error), kind="server_error") from None
+        finally:
+            await outputs.aclose()
+            engine.admission.release(ticket)  # also when the generator never started
+        return JSONResponse(completion(request, response_id, text_stream.sent, finish_reason, len(prompt_ids), len(tokens)))
+
+    async def _events(request: Any, response_id: str, ticket: Any, outputs: AsyncIterator[Any], prompt_tokens: int) -> AsyncIterator[str]:
+        text_stream = TextStream(engine.tokenizer, request.stop)
+        tokens: list[int] = []
+        first = True
+        try:
+            async for output in outputs:
+                tokens = output.tokens
+                new = text_stream.advance(tokens, final=output.finished)
+                finish = "stop" if text_stream.stopped else (output.finish_reason if output.finished else None)
+                if new or first or finish:
+                    yield _sse(chunk(request, response_id, new, None, first=first))
+                    first = False
+                if finish:
+                    yield _sse(chunk(request, response_id, None, finish))
+                    break
+        except EngineFailed as error:
+            yield _sse(ApiError(500, str(error), kind="server_error").body())
+        finally:
+            await outputs.aclose()
+            engine.admission.release(ticket)  # also when the client left before the first token
+        if request.include_usage:
+            yield _sse(usage_chunk(request, response_id, prompt_tokens, len(tokens)))
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes (by its declared length, or as it streams in)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is {declared} bytes; the limit is {limit} (--max-body-bytes)", kind="invalid_request_error")
+    received = bytearray()
+    async for piece in request.stream():
+        received += piece
+        if len(received) > limit:
+            raise ApiError(413, f"the body is over the limit of {limit} bytes (--max-body-bytes)", kind="invalid_request_error")
+    return bytes(received)

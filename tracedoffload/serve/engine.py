@@ -1,0 +1,240 @@
+"""The engine behind `serve`: transformers' continuous batching over the offloaded model.
+
+One thread owns the model: the continuous-batching manager's. At every step boundary it lets
+finished sequences leave and waiting ones join, within `max_batch_size` sequences and
+`max_batch_tokens` tokens per forward, prefilling long prompts in chunks beside running decodes
+(the manager's scheduler: a well-kept library's, not ours). Its paged KV cache is sized here,
+explicitly (`num_blocks` pages of `page_size` tokens: room for `max_batch_size` sequences of
+`max_context_tokens`), never from free memory; since that cache is allocated up front, the leak
+detector expects no KV growth from it (`kv_bytes_per_token` 0).
+
+Requests come from the event loop (`generate`, an async iterator of the request's outputs); the
+manager delivers each output back on the loop (`register_result_handler`). Every request is a
+generation of the tracing session, opened when it arrives (its span includes its time queued) and
+served step by step through `continuous_batching.py`.
+
+Admission (`admission.py`): at most `max_batch_size` requests are in the manager at once, up to
+`max_queue` more wait by priority with aging, one more is refused (`QueueFull`, a 429 with
+Retry-After). A request whose client goes away is cancelled, or leaves the line.
+A dead manager thread fails every waiting request at once (`EngineFailed`, a 500) and turns
+`ready` false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tracedoffload import names
+from tracedoffload._checks import check_int, check_positive
+from tracedoffload.generation import FINISH_LENGTH, FINISH_STOP, eos_ids
+from tracedoffload.logs import get_logger
+from tracedoffload.serve.admission import Admission, Ticket
+
+log = get_logger("tracedoffload.serve")
+
+FINISH_CANCELLED = "cancelled"  # the client went away
+FINISH_ERROR = "error"
+# How often a waiting request looks whether the manager's thread is still alive.
+LIVENESS_CHECK_S = 0.5
+
+
+class EngineFailed(Exception):
+    """The engine's thread is gone: no request can be served."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """The engine's bounds; each checked, with the field named."""
+
+    max_batch_size: int = 8  # sequences per forward
+    max_batch_tokens: int = 256  # tokens per forward (decodes plus prefill chunks)
+    max_context_tokens: int = 2048  # prompt plus completion, per request
+    max_queue: int = 64  # requests waiting beyond those in the batch
+    default_max_tokens: int = 256  # completion tokens when a request does not say
+    page_size: int = 16  # tokens per KV-cache page
+    aging_s: float = 10.0  # a waiting request gains one priority class per this many seconds
+
+    def __post_init__(self) -> None:
+        check_int("max_batch_size", self.max_batch_size, 1, 1024)
+        check_int("max_batch_tokens", self.max_batch_tokens, self.max_batch_size, 1 << 20, meaning="at least max_batch_size: every running sequence decodes each step")
+        check_int("max_context_tokens", self.max_context_tokens, 2, 1 << 20)
+        check_int("max_queue", self.max_queue, 0, 1 << 20)
+        check_int("default_max_tokens", self.default_max_tokens, 1, self.max_context_tokens)
+        check_int("page_size", self.page_size, 4, 4096)
+        check_positive("aging_s", self.aging_s, "seconds > 0")
+
+    @property
+    def num_blocks(self) -> int:
+        """KV pages for max_batch_size sequences of max_context_tokens each."""
+        return self.max_batch_size * math.ceil(self.max_context_tokens / self.page_size)
+
+
+class Output:
+    """One request's progress: every token so far, and whether (and why) it ended."""
+
+    __slots__ = ("tokens", "finished", "finish_reason")
+
+    def __init__(self, tokens: list[int], finished: bool, finish_reason: str | None) -> None:
+        self.tokens = tokens
+        self.finished = finished
+        self.finish_reason = finish_reason
+
+
+class Engine:
+    """Serves requests on `model` (offloaded or not) with continuous batching.
+
+    Args:
+        model, tokenizer: the loaded model.
+        model_name: the id clients call it by.
+        settings: the bounds.
+        session: a `TracingSession` attached to the model's offloader, or None.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, model_name: str, settings: EngineSettings, session: Any = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.settings = settings
+        self.session = session
+        self.stop_ids = eos_ids(model)
+        self.admission = Admission(settings.max_batch_size, settings.max_queue, settings.aging_s)
+        self.failure: str | None = None
+        self._manager: Any = None
+        self._tracer: Any = None
+
+    # -- life ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Size the KV cache and start the manager's thread (attach the offloader first: the
+        manager reads the model's placement when it starts)."""
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        settings = self.settings
+        sizing = ContinuousBatchingConfig(
+            page_size=settings.page_size,
+            num_blocks=settings.num_blocks,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_requests_per_batch=settings.max_batch_size,
+            # Python hooks (the offloader's) do not run inside replayed CUDA graphs, and their
+            # inputs are padded: off. Async batching would apply one batch's outputs a step late.
+            use_cuda_graph=False,
+            use_async_batching=False,
+            auto_switch_to_flash=False,
+        )
+        config = GenerationConfig(
+            max_new_tokens=settings.default_max_tokens,
+            do_sample=False,
+            eos_token_id=sorted(self.stop_ids) or None,
+            pad_token_id=self.tokenizer.pad_token_id if getattr(self.tokenizer, "pad_token_id", None) is not None else 0,
+        )
+        if self.session is not None:
+            from tracedoffload.continuous_batching import trace_continuous_batching
+
+            self._tracer = trace_continuous_batching(self.model, self.session, self.model_name)
+        self._manager = self.model.init_continuous_batching(generation_config=config, continuous_batching_config=sizing)
+        self._manager.start()
+        log.info("engine.started", max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens, kv_pages=settings.num_blocks, page_size=settings.page_size)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._manager is not None:
+            self._manager.stop(block=True, timeout=timeout_s)
+            self._manager = None
+        if self._tracer is not None:
+            self._tracer.close()
+            self._tracer = None
+
+    @property
+    def ready(self) -> bool:
+        return self._manager is not None and self.failure is None and self._manager.is_running()
+
+    # -- requests (the event loop) ----------------------------------------------------------------
+
+    def admit(self, priority: int = 0) -> Ticket:
+        """A place in line (raises QueueFull when the line is full, EngineFailed when the engine is
+        down): synchronous, so a refusal comes before any work is done for the request."""
+        if self.failure is not None or not self.ready:
+            raise EngineFailed(self.failure or "the engine is not running")
+        return self.admission.admit(priority)
+
+    async def generate(self, ticket: Ticket, prompt_ids: list[int], max_tokens: int, *, chat: bool = False, parent: Any = None) -> AsyncIterator[Output]:
+        """Serve one request admitted with `ticket`: waits for its place, then yields its output
+        after every step that gave it a token, the last one finished. Closing the iterator early
+        (the client went away) cancels it, or takes it out of the line."""
+        request_id = uuid.uuid4().hex
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        handle = None
+        finished = False
+        produced: list[int] = []
+        reason = FINISH_CANCELLED
+        queued_ns = None
+        try:
+            if self.session is not None:
+                # Opened now: the generation's span covers its time in line.
+                operation = names.GEN_AI_OPERATION_CHAT if chat else names.GEN_AI_OPERATION
+                handle = self.session.open_generation(self.model_name, len(prompt_ids), max_tokens, parent=parent, operation=operation)
+                self._tracer.track(request_id, handle)
+            arrived = time.monotonic_ns()
+            while not await ticket.wait(LIVENESS_CHECK_S):
+                self._check_alive()
+            queued_ns = time.monotonic_ns() - arrived
+            self._manager.register_result_handler(request_id, outputs.put_nowait)
+            self._manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=max_tokens, streaming=True)
+            while True:
+                try:
+                    result = await asyncio.wait_for(outputs.get(), LIVENESS_CHECK_S)
+                except TimeoutError:
+                    self._check_alive()
+                    continue
+                produced = list(result.generated_tokens)
+                if result.is_finished():
+                    finished = True
+                    if result.error:
+                        reason = FINISH_ERROR
+                        self._note_failure(result.error)
+                        raise EngineFailed(f"the request failed in the engine: {result.error}")
+                    reason = FINISH_STOP if produced and produced[-1] in self.stop_ids else FINISH_LENGTH
+                    yield Output(produced, True, reason)
+                    return
+                yield Output(produced, False, None)
+        finally:
+            self.admission.release(ticket)
+            if not finished and ticket.admitted and self._manager is not None:
+                self._manager.cancel_request(request_id)
+            if handle is not None:
+                self.session.end_generation(handle, len(produced), reason, {names.GENERATION_QUEUE_NS: queued_ns} if queued_ns is not None else None)
+
+    def _check_alive(self) -> None:
+        manager = self._manager
+        if manager is None or not manager.is_running():
+            self._note_failure(None)
+            raise EngineFailed(self.failure)
+
+    def _note_failure(self, error: str | None) -> None:
+        """Once the manager's thread is gone (a failed forward stops it and fails every request it
+        held), the engine is down for good: `ready` turns false and new requests are refused."""
+        manager = self._manager
+        if manager is not None and manager.is_running():
+            return  # one request failed, the engine lives on
+        if self.failure is None:
+            fatal = getattr(getattr(manager, "background_thread_status", None), "fatal_error", None)
+            cause = fatal if fatal is not None else error
+            self.failure = f"the engine thread stopped: {cause!r}" if cause is not None else "the engine thread stopped"
+            log.error("engine.failed", reason=self.failure)
+
+    def prompt_ids(self, messages: list[dict[str, str]] | None, prompt: str | None) -> list[int]:
+        """Token ids of a chat (through the tokenizer's chat template) or of a plain prompt."""
+        if messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                from tracedoffload.serve.protocol import bad
+
+                raise bad("messages", f"{self.model_name} has no chat template: send a plain prompt to /v1/completions")
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+            return list(encoded["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+

@@ -1,0 +1,211 @@
+"""OpenAI's request and response shapes, as `serve` takes and answers them.
+
+Requests are checked here, field by field, before they reach the engine: a bad one is an
+`ApiError` (400, or 404 for an unknown model) in OpenAI's error shape, naming the field and what
+is valid. Parameters the engine does not serve yet are refused by name, never silently ignored:
+sampling (`temperature` > 0, `top_p` < 1) arrives with the generation-features issue, so today a
+request is greedy, which is what `temperature` 0 means.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 128
+ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape: status, message, type, and the field (`param`) at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # a Retry-After header (429)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.kind = kind
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param)
+
+
+class Request:
+    """A checked completion request (chat or plain)."""
+
+    def __init__(self, kind: str, model: str, messages: list[dict[str, str]] | None, prompt: str | None, max_tokens: int | None, stop: list[str], stream: bool, include_usage: bool, priority: int = 0) -> None:
+        self.kind = kind  # "chat" or "text"
+        self.priority = priority
+        self.model = model
+        self.messages = messages
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.stop = stop
+        self.stream = stream
+        self.include_usage = include_usage
+
+
+def parse_request(body: bytes, kind: str) -> Request:
+    """Check a `/v1/chat/completions` (kind "chat") or `/v1/completions` ("text") body.
+
+    Raises:
+        ApiError: 400 naming the field.
+    """
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(400, f"the body is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("model", "required: the id of a model from /v1/models")
+    messages = prompt = None
+    if kind == "chat":
+        messages = _messages(data.get("messages"))
+    else:
+        prompt = _prompt(data.get("prompt"))
+    max_tokens = _max_tokens(data)
+    _greedy_only(data)
+    n = data.get("n", 1)
+    if n != 1:
+        raise bad("n", f"{n!r}: 1 (one choice per request is served today)")
+    stop = _stop(data.get("stop"))
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad("stream", f"{stream!r}: true or false")
+    options = data.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise bad("stream_options", f"{options!r}: an object like {{\"include_usage\": true}}")
+        if not stream:
+            raise bad("stream_options", "only with stream: true")
+        include_usage = options.get("include_usage", False)
+    priority = data.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
+        raise bad("priority", f"{priority!r}: an integer (lower is served first, as vLLM takes it; default 0)")
+    return Request(kind, model, messages, prompt, max_tokens, stop, stream, include_usage, priority)
+
+
+def _messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "required: a non-empty list of {\"role\", \"content\"} objects")
+    checked = []
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad(f"messages[{n}]", "an object with role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise bad(f"messages[{n}].role", f"{role!r}: one of {list(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad(f"messages[{n}].content", "text parts only ({\"type\": \"text\", \"text\": ...}); this model reads text")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise bad(f"messages[{n}].content", "a string, or a list of text parts")
+        checked.append({"role": role, "content": content})
+    return checked
+
+
+def _prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise bad("prompt", "required: a non-empty string (one prompt per request)")
+    return prompt
+
+
+def _max_tokens(data: dict[str, Any]) -> int | None:
+    values = {key: data[key] for key in ("max_completion_tokens", "max_tokens") if data.get(key) is not None}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(key, f"{value!r}: an integer >= 1")
+    return values.get("max_completion_tokens", values.get("max_tokens"))
+
+
+def _greedy_only(data: dict[str, Any]) -> None:
+    temperature = data.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise bad("temperature", f"{temperature!r}: a number from 0 to 2")
+        if temperature > 0:
+            raise bad("temperature", f"{temperature!r}: 0 or absent; this server decodes greedily (sampling is not served yet)")
+    top_p = data.get("top_p")
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise bad("top_p", f"{top_p!r}: a number above 0, at most 1")
+        if top_p < 1:
+            raise bad("top_p", f"{top_p!r}: 1 or absent; this server decodes greedily (sampling is not served yet)")
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("seed", f"{seed!r}: an integer")
+
+
+def _stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    values = [stop] if isinstance(stop, str) else stop
+    if not isinstance(values, list) or len(values) > MAX_STOP_STRINGS or not all(isinstance(v, str) and 0 < len(v) <= MAX_STOP_LENGTH for v in values):
+        raise bad("stop", f"a string or a list of up to {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_LENGTH} characters")
+    return values
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(request: Request, response_id: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The whole answer (stream false)."""
+    if request.kind == "chat":
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": response_id, "object": obj, "created": int(time.time()), "model": request.model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk(request: Request, response_id: str, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
+    """One server-sent event's payload (stream true)."""
+    if request.kind == "chat":
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    payload: dict[str, Any] = {"id": response_id, "object": obj, "created": int(time.time()), "model": request.model, "choices": [choice]}
+    if request.include_usage:
+        payload["usage"] = None
+    return payload
+
+
+def usage_chunk(request: Request, response_id: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The last event with stream_options.include_usage: no choices, the usage."""
+    obj = "chat.completion.chunk" if request.kind == "chat" else "text_completion"
+    return {"id": response_id, "object": obj, "created": int(time.time()), "model": request.model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
