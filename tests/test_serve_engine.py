@@ -138,3 +138,30 @@ def test_a_failing_forward_fails_every_waiting_request_and_the_engine_goes_unrea
     finally:
         release.set()
         hook.remove()
+
+
+def test_a_stream_closed_by_its_client_is_cancelled_in_the_engine(served):
+    """The client reads the first event of a long stream and goes away while the engine is
+    held mid-generation: the request leaves the engine (its place is free) and its generation
+    ends as cancelled, without waiting for its 100 tokens."""
+    gate = threading.Event()
+    gate.set()
+    hook = served.model.model.layers[0].register_forward_pre_hook(lambda module, args: gate.wait(60) and None)
+    try:
+        body = {"model": "tiny", "prompt": "a long one", "max_tokens": 100, "stream": True}
+        with httpx.Client(timeout=30) as client, client.stream("POST", served.base + "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())
+            gate.clear()  # the engine now waits inside its next forward
+        # The connection is closed: the server notices and cancels.
+        deadline = time.monotonic() + 30
+        while served.engine.admission.inside:
+            assert time.monotonic() < deadline, "the cancelled request kept its place"
+            time.sleep(0.05)
+    finally:
+        gate.set()
+        hook.remove()
+    served.session.flush(10)
+    (span,) = [s for s in served.exporter.get_finished_spans() if s.name == "text_completion tiny"]
+    assert span.attributes["gen_ai.response.finish_reasons"] == ("cancelled",)
+    assert span.attributes["gen_ai.usage.output_tokens"] < 100
