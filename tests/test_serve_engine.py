@@ -165,3 +165,23 @@ def test_a_stream_closed_by_its_client_is_cancelled_in_the_engine(served):
     (span,) = [s for s in served.exporter.get_finished_spans() if s.name == "text_completion tiny"]
     assert span.attributes["gen_ai.response.finish_reasons"] == ("cancelled",)
     assert span.attributes["gen_ai.usage.output_tokens"] < 100
+
+
+def test_a_request_whose_client_left_is_cancelled_in_the_engine(served):
+    """Not streamed: the client gives up (a timeout) while the engine is held; the server notices
+    and cancels the request rather than finish it for nobody."""
+    gate = threading.Event()
+    hook = served.model.model.layers[0].register_forward_pre_hook(lambda module, args: gate.wait(60) and None)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.base + "/v1/completions", json={"model": "tiny", "prompt": "a long one", "max_tokens": 100}, timeout=httpx.Timeout(30, read=1.0))
+        deadline = time.monotonic() + 30
+        while served.engine.admission.inside:
+            assert time.monotonic() < deadline, "the abandoned request kept its place"
+            time.sleep(0.05)
+    finally:
+        gate.set()
+        hook.remove()
+    served.session.flush(10)
+    (span,) = [s for s in served.exporter.get_finished_spans() if s.name == "text_completion tiny"]
+    assert span.attributes["gen_ai.response.finish_reasons"] == ("cancelled",)

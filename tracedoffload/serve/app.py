@@ -15,6 +15,7 @@ validation (whose 422 and error shape are not OpenAI's).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +32,7 @@ from tracedoffload.serve.text import TextStream
 log = get_logger("tracedoffload.serve")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DISCONNECT_CHECK_S = 0.5  # how often a request being answered looks whether its client is still there
 
 
 def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
@@ -102,23 +104,35 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
         if request.stream:
             return StreamingResponse(_events(request, response_id, ticket, outputs, len(prompt_ids)), media_type="text/event-stream")
         text_stream = TextStream(engine.tokenizer, request.stop)
-        tokens: list[int] = []
-        finish_reason = "length"
-        try:
+        answer: dict[str, Any] = {"tokens": [], "finish_reason": "length"}
+
+        async def collect() -> None:
             async for output in outputs:
-                tokens = output.tokens
-                text_stream.advance(tokens, final=output.finished)
+                answer["tokens"] = output.tokens
+                text_stream.advance(output.tokens, final=output.finished)
                 if text_stream.stopped:
-                    finish_reason = "stop"
-                    break
+                    answer["finish_reason"] = "stop"
+                    return
                 if output.finished:
-                    finish_reason = output.finish_reason or "length"
+                    answer["finish_reason"] = output.finish_reason or "length"
+
+        collecting = asyncio.ensure_future(collect())
+        try:
+            # The client may leave while its answer is made (a timeout, a retry): look every
+            # half second, and cancel it in the engine then rather than finish it for nobody.
+            while not (await asyncio.wait({collecting}, timeout=DISCONNECT_CHECK_S))[0]:
+                if await http.is_disconnected():
+                    collecting.cancel()
+                    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+            collecting.result()
         except EngineFailed as error:
             raise ApiError(500, str(error), kind="server_error") from None
         finally:
+            if not collecting.done():
+                collecting.cancel()
             await outputs.aclose()
             engine.admission.release(ticket)  # also when the generator never started
-        return JSONResponse(completion(request, response_id, text_stream.sent, finish_reason, len(prompt_ids), len(tokens)))
+        return JSONResponse(completion(request, response_id, text_stream.sent, answer["finish_reason"], len(prompt_ids), len(answer["tokens"])))
 
     async def _events(request: Any, response_id: str, ticket: Any, outputs: AsyncIterator[Any], prompt_tokens: int) -> AsyncIterator[str]:
         text_stream = TextStream(engine.tokenizer, request.stop)
