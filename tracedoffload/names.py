@@ -51,6 +51,7 @@ OFFLOAD_PINNED_BYTES = "tracedoffload.offload.pinned_bytes"
 GENERATION_ID = "generation.id"  # also on a step that served exactly one generation
 GENERATION_STEPS = "generation.steps"  # forwards that served it (its step events, up to a cap)
 GENERATION_TTFT_NS = "generation.time_to_first_token_ns"  # start to the end of its prefill step
+GENERATION_TPOT_NS = "generation.time_per_output_token_ns"  # after the first token, per output token
 GENERATION_QUEUE_NS = "generation.queue_ns"  # serve: from arrival to a place in the engine's batch
 EVENT_STEP = "tracedoffload.step"  # on the generation span, per step that served it: the way to its step
 EVENT_STEP_TRACE_ID = "step.trace_id"  # 32 hex: open it in Jaeger or Tempo

@@ -103,6 +103,8 @@ class TestTraceShape:
         assert [e.attributes[names.EVENT_STEP_SPAN_ID] for e in events] == [f"{s.context.span_id:016x}" for s in steps]
         assert generation.attributes[names.GENERATION_STEPS] == 6
         assert generation.attributes[names.GENERATION_TTFT_NS] == steps[0].end_time - generation.start_time
+        after_first = generation.end_time - steps[0].end_time
+        assert generation.attributes[names.GENERATION_TPOT_NS] == round(after_first / 5)  # 6 output tokens
         assert generation.start_time <= steps[0].start_time and steps[-1].end_time <= generation.end_time
 
     def test_generation_carries_genai_attributes(self, full_detail_run):

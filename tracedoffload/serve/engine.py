@@ -139,7 +139,18 @@ class Engine:
             self._tracer = trace_continuous_batching(self.model, self.session, self.model_name)
         self._manager = self.model.init_continuous_batching(generation_config=config, continuous_batching_config=sizing)
         self._manager.start()
-        log.info("engine.started", max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens, kv_pages=settings.num_blocks, page_size=settings.page_size)
+        from tracedoffload.planner import kv_bytes_per_token
+
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        kv_bytes = kv_bytes_per_token(self.model.config, dtype) * settings.num_blocks * settings.page_size if dtype is not None else None
+        log.info(
+            "engine.started",
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            kv_pages=settings.num_blocks,
+            page_size=settings.page_size,
+            kv_cache_bytes=kv_bytes,  # the planner's bytes per token times the pages' tokens
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._manager is not None:

@@ -109,6 +109,8 @@ class GenerationLedger:
         }
         if ttft_ns is not None:
             attributes[names.GENERATION_TTFT_NS] = ttft_ns
+        if per_token is not None:
+            attributes[names.GENERATION_TPOT_NS] = round(per_token * 1e9)
         model = attributes.get(names.GEN_AI_REQUEST_MODEL, "")
         span = ReadableSpan(
             name=f"{attributes.get(names.GEN_AI_OPERATION_NAME, names.GEN_AI_OPERATION)} {model}".rstrip(),
