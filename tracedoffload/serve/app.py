@@ -62,7 +62,7 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         if registry is None:
-            raise ApiError(404, "metrics are off (--trace-level off)", kind="not_found_error")
+            raise ApiError(404, "no metrics: they come from the offloaded model's telemetry (not with --trace-level off or --no-offload)", kind="not_found_error")
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS, generate_latest as openmetrics
 
