@@ -8,7 +8,9 @@ server's own metrics (aggregated from its step spans) host-to-device bytes and f
 generated token. Then:
 
 - (a) throughput at 16 / at 1 (medians over rounds; goal >= 6 on this CPU);
-- (b) host-to-device bytes per generated token at 16 / at 1 (goal <= 1/10).
+- (b) host-to-device bytes per generated token at 16 / at 1 (goal <= 1/10);
+- (d) the telemetry's CPU (its thread and the export threads) over the engine thread's at 16,
+  from the server's `tracedoffload_thread_cpu_seconds_total` (goal <= 0.005).
 
     python bench/bench_serve.py --rounds 2 --max-tokens 32
 """
@@ -46,6 +48,8 @@ def metrics(base: str) -> dict[str, float]:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name = line.split("{")[0].split(" ")[0]
+            if 'thread="' in line:  # tracedoffload_thread_cpu_seconds_total, kept by thread
+                name += ":" + line.split('thread="')[1].split('"')[0]
             found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return found
 
@@ -86,6 +90,7 @@ async def level(base: str, model: str, concurrency: int, requests: int, max_toke
     generated = after["tracedoffload_generated_tokens_total"] - before.get("tracedoffload_generated_tokens_total", 0)
     copied = after["tracedoffload_transfer_bytes_total"] - before.get("tracedoffload_transfer_bytes_total", 0)
     steps = after["tracedoffload_steps_total"] - before.get("tracedoffload_steps_total", 0)
+    cpu = {t: after.get(f"tracedoffload_thread_cpu_seconds_total:{t}", 0) - before.get(f"tracedoffload_thread_cpu_seconds_total:{t}", 0) for t in ("model", "telemetry", "export")}
     ttft = sorted(r[0] for r in results)
     gaps = sorted(g for r in results for g in r[1])
     return {
@@ -96,6 +101,7 @@ async def level(base: str, model: str, concurrency: int, requests: int, max_toke
         "itl_p95": gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))] if gaps else float("nan"),
         "bytes_per_token": copied / generated if generated else float("nan"),
         "forwards_per_token": steps / generated if generated else float("nan"),
+        "telemetry_cpu_share": (cpu["telemetry"] + cpu["export"]) / cpu["model"] if cpu["model"] else float("nan"),
     }
 
 
@@ -151,6 +157,7 @@ def main() -> None:
         )
     print(f"(a) throughput at 16 / at 1 = {median(16, 'tokens_per_s') / median(1, 'tokens_per_s'):.4f}   goal >= 6")
     print(f"(b) host-to-device bytes per generated token at 16 / at 1 = {median(16, 'bytes_per_token') / median(1, 'bytes_per_token'):.4f}   goal <= 0.1")
+    print(f"(d) telemetry CPU / engine thread CPU at 16 = {median(16, 'telemetry_cpu_share'):.4f}   goal <= 0.005 (at 1: {median(1, 'telemetry_cpu_share'):.4f})")
 
 
 if __name__ == "__main__":

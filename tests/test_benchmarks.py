@@ -60,7 +60,7 @@ def test_serve_benchmark_prints_its_ratios() -> None:
     """A smoke test: the server starts, takes the openai client's load at 1, 4 and 16 requests at
     once, and the benchmark prints its two ratios."""
     output = _run("bench_serve.py", "--rounds", "1", "--max-tokens", "4")
-    for pattern in (rf"\(a\) throughput at 16 / at 1 = {RATIO}", rf"\(b\) host-to-device bytes per generated token at 16 / at 1 = {RATIO}"):
+    for pattern in (rf"\(a\) throughput at 16 / at 1 = {RATIO}", rf"\(b\) host-to-device bytes per generated token at 16 / at 1 = {RATIO}", rf"\(d\) telemetry CPU / engine thread CPU at 16 = {RATIO}"):
         match = re.search(pattern, output)
         assert match, f"bench_serve.py did not print {pattern!r}:\n{output}"
         assert 0.0 < float(match.group(1)) < 100.0

@@ -66,6 +66,9 @@ class OffloadMetrics:
         ):
             self._prom[name.otel] = Histogram(name.prometheus, name.description, labels, buckets=buckets, registry=self.registry)
             self._otel[name.otel] = meter.create_histogram(name.otel, unit=name.unit, description=name.description, explicit_bucket_boundaries_advisory=buckets)
+        self._prom[mn.THREAD_CPU.otel] = Counter(mn.THREAD_CPU.prometheus.removesuffix("_total"), mn.THREAD_CPU.description, [mn.LABEL_MODEL, mn.LABEL_THREAD], registry=self.registry)
+        self._otel[mn.THREAD_CPU.otel] = meter.create_counter(mn.THREAD_CPU.otel, unit=mn.THREAD_CPU.unit, description=mn.THREAD_CPU.description)
+        self._cpu_seen: dict[Any, float] = {}
         for name in (mn.BYTES_COPIED, mn.STEPS, mn.GENERATED_TOKENS, mn.SPANS_DROPPED, mn.ALLOC_RETRIES, mn.OOMS):
             self._prom[name.otel] = Counter(name.prometheus.removesuffix("_total"), name.description, [mn.LABEL_MODEL], registry=self.registry)
             self._otel[name.otel] = meter.create_counter(name.otel, unit=name.unit, description=name.description)
@@ -93,8 +96,15 @@ class OffloadMetrics:
     # -- recording (telemetry thread) -------------------------------------------------------------
 
     def subscribe(self, session: TracingSession) -> None:
-        """Record every step and every generation `session` traces from now on."""
-        session.add_step_listener(lambda timing, stats: self.step(timing))
+        """Record every step and every generation `session` traces from now on, and the CPU of
+        the threads involved (the telemetry's own cost, next to the model's)."""
+
+        def on_step(timing: StepTiming, stats: Any) -> None:
+            self.step(timing)
+            for thread, seconds in session.telemetry_cpu_s.items():
+                self.thread_cpu(thread, thread, seconds)
+
+        session.add_step_listener(on_step)
         session.add_generation_listener(self.generation)
 
     def step(self, timing: StepTiming) -> None:
@@ -120,6 +130,22 @@ class OffloadMetrics:
         self._add(mn.STEPS, 1)
         self._add(mn.GENERATED_TOKENS, sum(s.generated for s in payload.sequences))
         self._set(mn.KV_TOKENS, payload.kv_tokens)
+        thread_id, seconds = payload.model_cpu
+        if thread_id:
+            self.thread_cpu("model", thread_id, seconds)
+
+    def thread_cpu(self, label: str, thread: Any, total_s: float) -> None:
+        """A thread's CPU so far (`time.thread_time()` read on it): its increase since the last
+        reading of the same thread goes to the `thread` label's counter. The first reading of a
+        thread is its baseline (what it spent before, loading a model say, is not counted)."""
+        previous = self._cpu_seen.get(thread)
+        self._cpu_seen[thread] = total_s
+        if previous is None:
+            return
+        increase = total_s - previous
+        if increase > 0:
+            self._prom[mn.THREAD_CPU.otel].labels(model=self.model, thread=label).inc(increase)
+            self._otel[mn.THREAD_CPU.otel].add(increase, {mn.LABEL_MODEL: self.model, mn.LABEL_THREAD: label})
 
     def generation(self, result: GenerationResult) -> None:
         """One finished generation: its duration, time to first token and time per output token

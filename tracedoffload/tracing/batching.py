@@ -48,6 +48,7 @@ class SpanBatcher:
         self._batch_size = max_export_batch_size
         self._queue: collections.deque[ReadableSpan] = collections.deque()
         self._condition = threading.Condition()
+        self.cpu_s = 0.0  # the export thread's CPU seconds so far, as of its last export
         self._accepted = 0  # spans ever queued
         self._handed = 0  # spans ever handed to the exporter (returned or not)
         self._flush_requested = False
@@ -123,6 +124,7 @@ class SpanBatcher:
                 self._flush_requested = False
                 stopping = self._shutdown
             self._export_queued()
+            self.cpu_s = time.thread_time()
             if stopping:
                 return
 

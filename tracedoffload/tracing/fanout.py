@@ -85,6 +85,11 @@ class ExportFanout(SpanProcessor):
             batcher.request_stop()
         return all([batcher.shutdown(deadline) for batcher in self._batchers])
 
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds the export threads have spent so far."""
+        return sum(batcher.cpu_s for batcher in self._batchers)
+
     def lost(self) -> int:
         """Spans handed over but not (yet) exported, summed over exporters; exact after shutdown."""
         return sum(max(0, self.handed - e.counts().exported) for e in self.exporters)

@@ -97,6 +97,7 @@ class StepPayload(NamedTuple):
     end: Any
     records: list[LayerRecord]
     memory: Any = None  # a QuietPoint taken at the step end, when a memory monitor is attached
+    model_cpu: tuple[int, float] = (0, 0.0)  # (thread id, its CPU seconds so far) of the thread that ran the step
 
 
 class GenerationEnd(NamedTuple):
@@ -240,8 +241,9 @@ class TracingTimeline(Timeline):
                 sequence.steps += 1
                 sequence.generated += step.generated
             kv_tokens = self._kv_tokens if self._planned_kv is None else self._planned_kv
+        model_cpu = (threading.get_ident(), time.thread_time())
         self._submit(
-            StepPayload(current.step_index, self._step_sequences, kv_tokens, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records, memory)
+            StepPayload(current.step_index, self._step_sequences, kv_tokens, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records, memory, model_cpu)
         )
         self._records = []
         self._step_index += 1

@@ -309,6 +309,11 @@ class TracingSession:
             return self._worker.dropped_spans
         return self._worker.dropped_spans + (self._fanout.lost() if self._closed else self._fanout.failed())
 
+    @property
+    def telemetry_cpu_s(self) -> dict[str, float]:
+        """CPU seconds spent so far by the telemetry thread and by the export threads."""
+        return {"telemetry": self._worker.cpu_s, "export": self._fanout.cpu_s}
+
     def snapshot(self) -> dict[str, Any]:
         """The statistics of everything traced so far (see `tracedoffload.tracing.stats`)."""
         snapshot = self.stats.snapshot(dropped_spans=self.dropped_spans)

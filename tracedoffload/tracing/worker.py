@@ -48,6 +48,7 @@ class TelemetryWorker:
         self.dropped_items = 0
         self.dropped_spans = 0
         self.errors = 0
+        self.cpu_s = 0.0  # this thread's CPU seconds so far, as of its last batch
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -127,6 +128,7 @@ class TelemetryWorker:
     def _handle_one(self, item: Any) -> None:
         try:
             self._handle(item)
+            self.cpu_s = time.thread_time()  # read by listeners of the next item (metrics)
         except Exception as error:  # noqa: BLE001 - the telemetry thread must outlive any bad step
             self.errors += 1
             if self.errors <= 3:
