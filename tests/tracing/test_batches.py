@@ -13,7 +13,11 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig
 from tracedoffload import OffloadConfig, names, offload
 from tracedoffload.continuous_batching import trace_continuous_batching
 from tracedoffload.tracing.sampling import SamplingPolicy
+from tracedoffload.tracing.exporters.otlp_json import encode_otlp_json
 from tracedoffload.tracing.session import TracingSession
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+from .otlp_protobuf import parse_as_protobuf
 
 NEW_TOKENS = 8
 PROMPT_LENGTHS = (5, 12, 3, 20, 9)
@@ -63,6 +67,9 @@ def traced(run, exporter):
         session.shutdown(10)
         offloader.detach()
     spans = exporter.get_finished_spans()
+    # Events sharing one attributes dict, links to shared generation contexts: encoded by
+    # identity (otlp_json._shared), they must still read as the SDK's own encoder writes them.
+    assert parse_as_protobuf(encode_otlp_json(spans)) == encode_spans(spans)
     steps = sorted((s for s in spans if s.name == names.SPAN_STEP), key=lambda s: s.attributes[names.STEP_INDEX])
     generations = {s.attributes[names.GENERATION_ID]: s for s in spans if s.name.startswith(names.GEN_AI_OPERATION)}
     return result, steps, generations, session.snapshot()

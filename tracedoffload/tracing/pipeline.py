@@ -67,9 +67,12 @@ class StepPipeline:
         if self._recycle is not None:
             self._recycle(_markers(payload))
         level = self.policy.level
+        # "First": a generation's first steps, at batch 1. A step of a batch counts only among the
+        # session's first steps: with requests joining a continuous batch all the time, nearly
+        # every step holds some request's first steps, and the rule would export every layer.
         sequences = payload.sequences
         first_tokens = self.policy.first_tokens
-        first = sequences[0].step_number < first_tokens if len(sequences) == 1 else any(s.step_number < first_tokens for s in sequences)
+        first = sequences[0].step_number < first_tokens if len(sequences) == 1 else payload.step_index < first_tokens
         sampled_by = self._sampler.decide(first, timing.duration_ns) if level == "layer" else None
         slow = sampled_by in ("slow", "relative")
         events: tuple[Event, ...] = (Event(names.EVENT_SLOW_STEP, {"reason": sampled_by}, timestamp=timing.end_ns),) if slow else ()

@@ -1,7 +1,7 @@
 """Which steps get their layer spans exported: the in-process tail rule.
 
 Every step is aggregated whatever this decides; it only chooses what leaves the process.
-A step's layer detail is exported when it is one of the first steps of a generation it serves,
+A step's layer detail is exported when it is one of the first steps (see `first_tokens`),
 slower than an absolute threshold, slower than `relative_to_p95` times the running p95 of recent
 steps, or the N-th of the rest. Deciding after the step has ended (its duration is known) is what
 makes this a tail rule: the slow steps are the ones kept.
@@ -26,8 +26,9 @@ class SamplingPolicy:
         level: "off" (no tracing), "generation" (generation spans), "token" (plus one trace per
             step, i.e. per token of a batch-1 run), "layer" (plus the layer spans of the steps
             the tail rule picks).
-        first_tokens: a step that is among the first N steps of any generation it serves always
-            gets layer detail.
+        first_tokens: a step of one sequence among the first N steps of its generation always
+            gets layer detail; a step of several sequences, only among the session's first N
+            steps (in a continuous batch nearly every step holds some request's first steps).
         slow_token_ms: steps slower than this always get layer detail (None: no absolute rule).
         relative_to_p95: steps slower than this times the running p95 get layer detail (None: off).
         every_n: one in N of the remaining steps gets layer detail (1 = every step: full detail).
