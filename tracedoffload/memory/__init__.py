@@ -1,1 +1,2 @@
-"""Memory telemetry: readings per token, and a leak detector that knows the KV cache grows."""
+"""Memory telemetry: readings per step, and a leak detector that knows what the live sequences'
+KV caches hold."""

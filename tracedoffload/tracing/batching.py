@@ -4,8 +4,8 @@ It does what the SDK's `BatchSpanProcessor` does (a bounded queue, batches of at
 `max_export_batch_size`, an export every `schedule_delay` or as soon as a batch is full, flush and
 shutdown), with two differences that matter here:
 
-- spans arrive as one list per token: one lock and one `deque.extend` per token instead of a
-  processor call per span (about 1 µs each, 57 per token at full detail);
+- spans arrive as one list per step: one lock and one `deque.extend` per step instead of a
+  processor call per span (about 1 µs each, 57 per step of one sequence at full detail);
 - a full queue refuses a token's spans whole, so an exported trace is never missing half its
   layers, and counts them instead of logging a warning per span as the SDK does.
 
