@@ -1,4 +1,4 @@
-"""`SpanBatcher`: one exporter's queue and thread, fed a token's spans at a time.
+"""`SpanBatcher`: one exporter's queue and thread, fed a step's spans at a time.
 
 It does what the SDK's `BatchSpanProcessor` does (a bounded queue, batches of at most
 `max_export_batch_size`, an export every `schedule_delay` or as soon as a batch is full, flush and
@@ -6,7 +6,7 @@ shutdown), with two differences that matter here:
 
 - spans arrive as one list per step: one lock and one `deque.extend` per step instead of a
   processor call per span (about 1 µs each, 57 per step of one sequence at full detail);
-- a full queue refuses a token's spans whole, so an exported trace is never missing half its
+- a full queue refuses a step's spans whole, so an exported trace is never missing half its
   layers, and counts them instead of logging a warning per span as the SDK does.
 
 The exporter is called on this thread only, with instrumentation suppressed (as the SDK does) so
