@@ -145,11 +145,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default=None, help="what serve's --model takes (default: the default model)")
     parser.add_argument("--compare-transformers", metavar="DIR", default=None, help="also measure (c) against `transformers serve DIR --continuous-batching`")
+    parser.add_argument("--greedy-only", action="store_true", help="start the servers with --greedy-only (no per-request sampling warpers)")
     args = parser.parse_args()
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    servers = [start_server(serve_command(port, args.model), base)]
+    extra = ["--greedy-only"] if args.greedy_only else []
+    servers = [start_server(serve_command(port, args.model, *extra), base)]
     compare: dict[str, tuple[str, str]] = {}
     try:
         with urllib.request.urlopen(base + "/v1/models", timeout=5) as response:
@@ -158,7 +160,7 @@ def main() -> None:
             model = json.loads(response.read())["data"][0]["id"]
         if args.compare_transformers:
             resident_port, transformers_port = free_port(), free_port()
-            servers.append(start_server(serve_command(resident_port, args.model, "--no-offload"), f"http://127.0.0.1:{resident_port}"))
+            servers.append(start_server(serve_command(resident_port, args.model, "--no-offload", *extra), f"http://127.0.0.1:{resident_port}"))
             servers.append(
                 start_server(
                     ["transformers", "serve", args.compare_transformers, "--continuous-batching", "--host", "127.0.0.1", "--port", str(transformers_port),
@@ -187,7 +189,7 @@ def main() -> None:
     def median(concurrency: int, key: str) -> float:
         return statistics.median(run[key] for run in runs[concurrency])
 
-    print(f"serve, model {model}, balanced preset, {args.rounds} interleaved rounds, {args.max_tokens} max tokens per request, streamed (medians over rounds)")
+    print(f"serve{' --greedy-only' if args.greedy_only else ''}, model {model}, balanced preset, {args.rounds} interleaved rounds, {args.max_tokens} max tokens per request, streamed (medians over rounds)")
     print(f"  {'concurrency':>11} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8} {'H2D MB/token':>13} {'forwards/token':>15}")
     for c in LEVELS:
         print(

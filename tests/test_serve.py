@@ -108,6 +108,10 @@ class TestTheOpenAIClient:
             events = [line for line in response.read().decode().split("\n\n") if line]
         assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
 
+    def test_a_sampled_request_is_served(self, client):
+        answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[2]}], max_tokens=12, temperature=0.8, top_p=0.95)
+        assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+
     def test_completions_and_a_stop_string(self, client):
         plain = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=8)
         assert plain.choices[0].text and plain.usage.prompt_tokens > 0
@@ -117,10 +121,10 @@ class TestTheOpenAIClient:
 
 
 class TestBadRequests:
-    def test_sampling_is_refused_by_name(self, client):
+    def test_a_seed_with_sampling_is_refused_by_name(self, client):
         with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0.7)
-        assert caught.value.body["param"] == "temperature" and "greedily" in caught.value.body["message"]
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0.7, seed=3)
+        assert caught.value.body["param"] == "seed" and "one random stream" in caught.value.body["message"]
 
     def test_an_unknown_model_is_404(self, client):
         with pytest.raises(openai.NotFoundError) as caught:
@@ -136,6 +140,9 @@ class TestBadRequests:
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, "messages"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_p": 0}, "top_p"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_k": 0}, "top_k"),
         ],
     )
     def test_each_bad_field_is_a_400_naming_it(self, server, body, param):

@@ -185,3 +185,30 @@ def test_a_request_whose_client_left_is_cancelled_in_the_engine(served):
     served.session.flush(10)
     (span,) = [s for s in served.exporter.get_finished_spans() if s.name == "text_completion tiny"]
     assert span.attributes["gen_ai.response.finish_reasons"] == ("cancelled",)
+
+
+def test_sampled_and_greedy_requests_share_a_batch_and_greedy_stays_greedy(served):
+    """Sampling is per request: at temperature 2 a completion departs from the greedy one, and
+    greedy requests served in the same batches still equal `generate` alone."""
+    def call(n: int) -> httpx.Response:
+        body = {"model": "tiny", "prompt": PROMPTS[n % 2], "max_tokens": 16}
+        if n % 2:
+            body["temperature"] = 2.0
+        return httpx.post(served.base + "/v1/completions", json=body, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = [r.json()["choices"][0]["text"] for r in pool.map(call, range(4))]
+    greedy = [served.tokenizer.decode(alone(PROMPTS[0], 16)), served.tokenizer.decode(alone(PROMPTS[1], 16))]
+    assert answers[0] == answers[2] == greedy[0]
+    assert answers[1] != greedy[1] and answers[3] != greedy[1]
+
+
+def test_greedy_only_refuses_sampling_by_name_and_serves_greedy():
+    running = Served(EngineSettings(max_batch_size=2, max_batch_tokens=32, max_context_tokens=128, max_queue=8, default_max_tokens=8, sampling=False))
+    try:
+        refused = httpx.post(running.base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "temperature": 0.5}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "temperature" and "--greedy-only" in refused.text
+        served = running.complete(PROMPTS[0], 10)
+        assert served.json()["choices"][0]["text"] == running.tokenizer.decode(alone(PROMPTS[0], 10))
+    finally:
+        running.stop()

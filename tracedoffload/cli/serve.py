@@ -5,8 +5,9 @@
     curl http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \\
          -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
 
-Takes `run`'s model, offload and telemetry flags. Requests are decoded greedily (sampling comes
-with the generation-features work; a request asking for it is refused by name).
+Takes `run`'s model, offload and telemetry flags. A request is greedy unless it gives a
+`temperature` above 0 (then `top_p` and `top_k` apply); `--greedy-only` refuses sampling and
+decodes faster at large batches.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before new ones get 429 (default 64)")
     server.add_argument("--default-max-tokens", type=int, default=256, help="completion tokens when a request does not say (default 256)")
     server.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    server.add_argument(
+        "--greedy-only", action="store_true",
+        help="refuse temperature above 0 and decode without per-request sampling warpers: faster at large batches (see the README's serve benchmark)",
+    )
     telemetry_flags.add_arguments(parser)
     parser.set_defaults(handler=serve, max_new_tokens=None, progress=False, profile_every=None, metrics_linger=0.0)
 
@@ -61,6 +66,7 @@ def serve(args: argparse.Namespace) -> int:
         max_context_tokens=args.max_context_tokens,
         max_queue=args.max_queue,
         default_max_tokens=args.default_max_tokens,
+        sampling=not args.greedy_only,
     )
     if args.trace_file is None:
         args.no_trace_file = True  # a server writes no trace file unless asked: it runs for days

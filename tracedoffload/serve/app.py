@@ -87,6 +87,8 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
         request = parse_request(body, kind)
         if request.model != engine.model_name:
             raise ApiError(404, f"model {request.model!r} does not exist; this server serves {engine.model_name!r} (GET /v1/models)", "model", "not_found_error", "model_not_found")
+        if request.sampling is not None and not engine.settings.sampling:
+            raise ApiError(400, f"temperature: {request.sampling.temperature!r}: 0 or absent; this server decodes greedily only (started with --greedy-only)", "temperature")
         prompt_ids = engine.prompt_ids(request.messages, request.prompt)
         limit = engine.settings.max_context_tokens
         max_tokens = request.max_tokens or min(engine.settings.default_max_tokens, max(1, limit - len(prompt_ids)))
@@ -99,7 +101,7 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
             raise ApiError(429, str(error), kind="rate_limit_error", code="rate_limit_exceeded", retry_after_s=error.retry_after_s) from None
         except EngineFailed as error:
             raise ApiError(503, f"the engine cannot take requests: {error}", kind="server_error") from None
-        outputs = engine.generate(ticket, prompt_ids, max_tokens, chat=kind == "chat")
+        outputs = engine.generate(ticket, prompt_ids, max_tokens, sampling=request.sampling, chat=kind == "chat")
         response_id = new_id(kind)
         if request.stream:
             return StreamingResponse(_events(request, response_id, ticket, outputs, len(prompt_ids)), media_type="text/event-stream")

@@ -59,6 +59,7 @@ class EngineSettings:
     default_max_tokens: int = 256  # completion tokens when a request does not say
     page_size: int = 16  # tokens per KV-cache page
     aging_s: float = 10.0  # a waiting request gains one priority class per this many seconds
+    sampling: bool = True  # per-request sampling; False: greedy only, faster (no warpers on each step)
 
     def __post_init__(self) -> None:
         check_int("max_batch_size", self.max_batch_size, 1, 1024)
@@ -126,12 +127,20 @@ class Engine:
             use_cuda_graph=False,
             use_async_batching=False,
             auto_switch_to_flash=False,
+            per_request_processors=settings.sampling,
         )
+        if settings.sampling:
+            # Sampling is decided per request (per-request temperature, top-k and top-p warpers);
+            # the manager then samples every step, so a greedy request is a top-k of 1: its
+            # argmax, exactly. The warpers exist only if the config names non-neutral values.
+            decoding: dict[str, Any] = {"do_sample": True, "temperature": 0.5, "top_k": 1, "top_p": 0.5}
+        else:
+            decoding = {"do_sample": False}
         config = GenerationConfig(
             max_new_tokens=settings.default_max_tokens,
-            do_sample=False,
             eos_token_id=sorted(self.stop_ids) or None,
             pad_token_id=self.tokenizer.pad_token_id if getattr(self.tokenizer, "pad_token_id", None) is not None else 0,
+            **decoding,
         )
         if self.session is not None:
             from tracedoffload.continuous_batching import trace_continuous_batching
@@ -173,7 +182,9 @@ class Engine:
             raise EngineFailed(self.failure or "the engine is not running")
         return self.admission.admit(priority)
 
-    async def generate(self, ticket: Ticket, prompt_ids: list[int], max_tokens: int, *, chat: bool = False, parent: Any = None) -> AsyncIterator[Output]:
+    async def generate(
+        self, ticket: Ticket, prompt_ids: list[int], max_tokens: int, *, sampling: Any = None, chat: bool = False, parent: Any = None
+    ) -> AsyncIterator[Output]:
         """Serve one request admitted with `ticket`: waits for its place, then yields its output
         after every step that gave it a token, the last one finished. Closing the iterator early
         (the client went away) cancels it, or takes it out of the line."""
@@ -195,7 +206,7 @@ class Engine:
                 self._check_alive()
             queued_ns = time.monotonic_ns() - arrived
             self._manager.register_result_handler(request_id, outputs.put_nowait)
-            self._manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=max_tokens, streaming=True)
+            self._manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=max_tokens, streaming=True, **self._decoding(sampling))
             while True:
                 try:
                     result = await asyncio.wait_for(outputs.get(), LIVENESS_CHECK_S)
@@ -219,6 +230,15 @@ class Engine:
                 self._manager.cancel_request(request_id)
             if handle is not None:
                 self.session.end_generation(handle, len(produced), reason, {names.GENERATION_QUEUE_NS: queued_ns} if queued_ns is not None else None)
+
+    def _decoding(self, sampling: Any) -> dict[str, Any]:
+        """The per-request warpers' settings: greedy is a top-k of 1; sampling, the request's."""
+        if not self.settings.sampling:
+            return {}
+        if sampling is None:
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        vocabulary = int(getattr(self.model.config, "vocab_size", 0)) or 1 << 30
+        return {"temperature": sampling.temperature, "top_k": sampling.top_k or vocabulary, "top_p": sampling.top_p}
 
     def _check_alive(self) -> None:
         manager = self._manager

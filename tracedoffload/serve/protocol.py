@@ -2,9 +2,13 @@
 
 Requests are checked here, field by field, before they reach the engine: a bad one is an
 `ApiError` (400, or 404 for an unknown model) in OpenAI's error shape, naming the field and what
-is valid. Parameters the engine does not serve yet are refused by name, never silently ignored:
-sampling (`temperature` > 0, `top_p` < 1) arrives with the generation-features issue, so today a
-request is greedy, which is what `temperature` 0 means.
+is valid. Parameters the engine cannot honour are refused by name, never silently ignored: `n`
+above 1, and `seed` with sampling (the continuous-batching engine samples every request of a
+batch from one random stream, so a seed could not make one request reproducible).
+
+Decoding: greedy unless `temperature` is given above 0 (greedy is this server's default, where
+OpenAI's is 1: an answer is reproducible unless sampling is asked for); then `top_p` and `top_k`
+(as vLLM takes it, -1 or absent: off) apply.
 """
 
 from __future__ import annotations
@@ -42,9 +46,13 @@ def bad(param: str, message: str) -> ApiError:
 class Request:
     """A checked completion request (chat or plain)."""
 
-    def __init__(self, kind: str, model: str, messages: list[dict[str, str]] | None, prompt: str | None, max_tokens: int | None, stop: list[str], stream: bool, include_usage: bool, priority: int = 0) -> None:
+    def __init__(
+        self, kind: str, model: str, messages: list[dict[str, str]] | None, prompt: str | None, max_tokens: int | None, stop: list[str], stream: bool,
+        include_usage: bool, priority: int = 0, sampling: Sampling | None = None,
+    ) -> None:
         self.kind = kind  # "chat" or "text"
         self.priority = priority
+        self.sampling = sampling  # None: greedy
         self.model = model
         self.messages = messages
         self.prompt = prompt
@@ -75,7 +83,7 @@ def parse_request(body: bytes, kind: str) -> Request:
     else:
         prompt = _prompt(data.get("prompt"))
     max_tokens = _max_tokens(data)
-    _greedy_only(data)
+    sampling = _sampling(data)
     n = data.get("n", 1)
     if n != 1:
         raise bad("n", f"{n!r}: 1 (one choice per request is served today)")
@@ -94,7 +102,7 @@ def parse_request(body: bytes, kind: str) -> Request:
     priority = data.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
         raise bad("priority", f"{priority!r}: an integer (lower is served first, as vLLM takes it; default 0)")
-    return Request(kind, model, messages, prompt, max_tokens, stop, stream, include_usage, priority)
+    return Request(kind, model, messages, prompt, max_tokens, stop, stream, include_usage, priority, sampling)
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:
@@ -137,22 +145,33 @@ def _max_tokens(data: dict[str, Any]) -> int | None:
     return values.get("max_completion_tokens", values.get("max_tokens"))
 
 
-def _greedy_only(data: dict[str, Any]) -> None:
+class Sampling:
+    """A sampled request's settings: temperature > 0; top_p in (0, 1]; top_k >= 1, or None (off)."""
+
+    def __init__(self, temperature: float, top_p: float, top_k: int | None) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+
+
+def _sampling(data: dict[str, Any]) -> Sampling | None:
     temperature = data.get("temperature")
-    if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise bad("temperature", f"{temperature!r}: a number from 0 to 2")
-        if temperature > 0:
-            raise bad("temperature", f"{temperature!r}: 0 or absent; this server decodes greedily (sampling is not served yet)")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
+        raise bad("temperature", f"{temperature!r}: a number from 0 to 2 (0 or absent: greedy)")
     top_p = data.get("top_p")
-    if top_p is not None:
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise bad("top_p", f"{top_p!r}: a number above 0, at most 1")
-        if top_p < 1:
-            raise bad("top_p", f"{top_p!r}: 1 or absent; this server decodes greedily (sampling is not served yet)")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise bad("top_p", f"{top_p!r}: a number above 0, at most 1")
+    top_k = data.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or (top_k < 1 and top_k != -1)):
+        raise bad("top_k", f"{top_k!r}: an integer >= 1, or -1 (off)")
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad("seed", f"{seed!r}: an integer")
+    if not temperature:
+        return None  # greedy: top_p and top_k change nothing, and a seed is not needed to reproduce it
+    if seed is not None:
+        raise bad("seed", f"{seed!r}: not with sampling here (a batch is sampled from one random stream); leave it out, or use temperature 0 for a reproducible answer")
+    return Sampling(float(temperature), float(top_p) if top_p is not None else 1.0, top_k if top_k not in (None, -1) else None)
 
 
 def _stop(stop: Any) -> list[str]:
