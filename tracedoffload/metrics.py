@@ -24,6 +24,7 @@ from tracedoffload._exceptions import ConfigError
 from tracedoffload.memory.leak import LeakAlert
 from tracedoffload.memory.probe import MemoryDetails, QuietPoint
 from tracedoffload.timeline import COMPUTE, TRANSFER
+from tracedoffload.tracing.step_spans import step_phase
 
 if TYPE_CHECKING:
     from tracedoffload.tracing.generations import GenerationResult
@@ -110,8 +111,6 @@ class OffloadMetrics:
     def step(self, timing: StepTiming) -> None:
         """One forward: its latency by phase (exemplar: the step's trace), its layers, its bytes,
         the new tokens it produced and the KV tokens held after it."""
-        from tracedoffload.tracing.step_spans import step_phase
-
         payload = timing.payload
         seconds = timing.duration_ns / 1e9
         exemplar, ctx = _exemplar(payload.trace_id, payload.span_id)
