@@ -114,3 +114,17 @@ class TestRunUsesIt:
         assert main(["run", "--model", "random", "--max-new-tokens", "2"]) == 2
         err = capsys.readouterr().err
         assert "TRACEDOFFLOAD_METRICS_PORT" in err and "loading" not in err
+
+
+class TestServeUsesIt:
+    def test_serve_writes_no_trace_file_unless_asked_and_reads_the_environment(self, monkeypatch, tmp_path):
+        """`serve` has no default trace file (it runs for days), but TRACEDOFFLOAD_TRACE_FILE
+        still gives it one, as it does `run`."""
+        from tracedoffload.cli import build_parser, telemetry_flags
+
+        monkeypatch.delenv("TRACEDOFFLOAD_TRACE_FILE", raising=False)
+        args = build_parser().parse_args(["serve"])
+        assert telemetry_flags.check_arguments(args, default_trace_file=False).trace_file is None
+        monkeypatch.setenv("TRACEDOFFLOAD_TRACE_FILE", str(tmp_path / "serve.jsonl"))
+        args = build_parser().parse_args(["serve"])
+        assert telemetry_flags.check_arguments(args, default_trace_file=False).trace_file == tmp_path / "serve.jsonl"

@@ -68,9 +68,7 @@ def serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         sampling=not args.greedy_only,
     )
-    if args.trace_file is None:
-        args.no_trace_file = True  # a server writes no trace file unless asked: it runs for days
-    settings = telemetry_flags.check_arguments(args)
+    settings = telemetry_flags.check_arguments(args, default_trace_file=False)
     config = model_flags.offload_config(args)
     try:
         import fastapi  # noqa: F401

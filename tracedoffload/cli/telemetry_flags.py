@@ -59,10 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     memory.add_argument("--inject-leak", choices=LEAK_KINDS, default=None, help="fault injection: leak host memory per transfer (seed 003) or a device tensor per step")
 
 
-def check_arguments(args: argparse.Namespace) -> Any:
+def check_arguments(args: argparse.Namespace, *, default_trace_file: bool = True) -> Any:
     """Validate every telemetry flag and OTEL_* variable before any model work; returns the
     `TelemetrySettings` (each setting from its flag, else its environment variable, else the
-    default). A bad value is a `ConfigError` naming the flag."""
+    default). A bad value is a `ConfigError` naming the flag.
+
+    Args:
+        default_trace_file: with neither --trace-file nor TRACEDOFFLOAD_TRACE_FILE, write
+            traces/run-<time>.otlp.jsonl (`run`); False: no file (`serve`, which runs for days).
+    """
     from tracedoffload.telemetry import ENVIRONMENT, TelemetrySettings
 
     otel = read_otel_environment()
@@ -73,7 +78,7 @@ def check_arguments(args: argparse.Namespace) -> Any:
     trace_file = args.trace_file
     if args.no_trace_file:
         trace_file = None
-    elif trace_file is None and not os.environ.get(ENVIRONMENT["trace_file"], "").strip() and not otel.sdk_disabled:
+    elif default_trace_file and trace_file is None and not os.environ.get(ENVIRONMENT["trace_file"], "").strip() and not otel.sdk_disabled:
         # run's own default (the library's is no file); OTEL_SDK_DISABLED: no default file either.
         trace_file = DEFAULT_TRACE_DIR / f"run-{time.strftime('%Y%m%d-%H%M%S')}.otlp.jsonl"
     try:
