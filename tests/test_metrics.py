@@ -38,6 +38,24 @@ class FailingExporter(SpanExporter):
         pass
 
 
+def metered_generation(metrics: OffloadMetrics, new_tokens: int, exporters: list | None = None, kv_bytes_per_token: int | None = None):
+    """One traced generation of the tiny model (a 5-token prompt), recorded by `metrics`; with
+    `kv_bytes_per_token`, memory monitored too. Returns the shut-down session and the handle."""
+    model = tiny_model()
+    offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
+    session = TracingSession(exporters or [], policy=SamplingPolicy(level="token"))
+    if kv_bytes_per_token is not None:
+        session.monitor_memory(MemoryMonitor(offloader, kv_bytes_per_token, metrics=metrics))
+    metrics.subscribe(session)
+    session.attach(offloader)
+    with torch.inference_mode(), session.generation("tiny", 5) as handle:
+        model.generate(torch.arange(5).unsqueeze(0), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        handle.output_tokens = new_tokens
+    session.shutdown(5)
+    offloader.detach()
+    return session, handle
+
+
 @pytest.fixture(scope="module")
 def served_run():
     """A traced tiny-model generation (5 new tokens, one generation) recording metrics into a
@@ -45,18 +63,8 @@ def served_run():
     registry = CollectorRegistry()
     metrics = OffloadMetrics("tiny", registry=registry)
     server, port = serve_metrics(registry, 0)
-    model = tiny_model()
-    offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
-    session = TracingSession([FailingExporter()], policy=SamplingPolicy(level="token"))
-    session.monitor_memory(MemoryMonitor(offloader, 1024, metrics=metrics))
-    metrics.subscribe(session)
-    session.attach(offloader)
-    with torch.inference_mode(), session.generation("tiny", 5) as handle:
-        model.generate(torch.arange(5).unsqueeze(0), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
-        handle.output_tokens = 5
-    session.shutdown(5)
+    session, _ = metered_generation(metrics, 5, [FailingExporter()], kv_bytes_per_token=1024)
     metrics.spans_dropped(session.dropped_spans)  # as a run does at its end
-    offloader.detach()
     yield scrape(port), session
     server.shutdown()
     server.server_close()
@@ -181,16 +189,7 @@ class TestOpenTelemetryInstruments:
 
         reader = InMemoryMetricReader()
         metrics = OffloadMetrics("tiny", registry=CollectorRegistry(), meter_provider=MeterProvider(metric_readers=[reader]))
-        model = tiny_model()
-        offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
-        session = TracingSession([], policy=SamplingPolicy(level="token"))
-        metrics.subscribe(session)
-        session.attach(offloader)
-        with torch.inference_mode(), session.generation("tiny", 5) as handle:
-            model.generate(torch.arange(5).unsqueeze(0), max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
-            handle.output_tokens = 3
-        session.shutdown(5)
-        offloader.detach()
+        _, handle = metered_generation(metrics, 3)
         found = {m.name: m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
         assert {mn.STEP_LATENCY.otel, mn.LAYER_TRANSFER.otel, mn.LAYER_COMPUTE.otel, mn.BYTES_COPIED.otel, mn.REQUEST_DURATION.otel} <= set(found)
         steps = found[mn.STEP_LATENCY.otel].data.data_points

@@ -6,8 +6,10 @@ others run, and a forward that fails takes the engine down cleanly: every waitin
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -22,16 +24,12 @@ from tracedoffload.serve.engine import Engine, EngineSettings
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 from tests.servers import free_port
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests.tracing.test_batches import llama as tiny_llama
 
-def llama() -> LlamaForCausalLM:
-    """A tiny random Llama whose vocabulary holds the byte tokenizer's ids (bytes, pad, bos, eos)."""
-    config = LlamaConfig(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=260,
-        intermediate_size=128, max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+
+def llama():
+    """The tests' tiny random Llama, its vocabulary holding the byte tokenizer's ids (bytes, pad, bos, eos)."""
+    return tiny_llama(vocab_size=260)
 
 
 PROMPTS = ["offloading", "a longer prompt about layers and copies", "hi", "continuous batching joins and leaves", "kv"]
@@ -140,51 +138,58 @@ def test_a_failing_forward_fails_every_waiting_request_and_the_engine_goes_unrea
         hook.remove()
 
 
+@contextlib.contextmanager
+def held(served: Served, gate: threading.Event):
+    """The engine waits inside every forward while `gate` is clear; released on leaving."""
+    hook = served.model.model.layers[0].register_forward_pre_hook(lambda module, args: gate.wait(60) and None)
+    try:
+        yield
+    finally:
+        gate.set()
+        hook.remove()
+
+
+def wait_until_its_place_frees(served: Served, what: str) -> None:
+    """The request leaves the engine while the engine is still held (so it cannot have finished)."""
+    deadline = time.monotonic() + 30
+    while served.engine.admission.inside:
+        assert time.monotonic() < deadline, f"the {what} request kept its place"
+        time.sleep(0.05)
+
+
+def cancelled_span(served: Served) -> Any:
+    """The one request's span, which ended cancelled."""
+    served.session.flush(10)
+    (span,) = [s for s in served.exporter.get_finished_spans() if s.name == "text_completion tiny"]
+    assert span.attributes["gen_ai.response.finish_reasons"] == ("cancelled",)
+    return span
+
+
 def test_a_stream_closed_by_its_client_is_cancelled_in_the_engine(served):
     """The client reads the first event of a long stream and goes away while the engine is
     held mid-generation: the request leaves the engine (its place is free) and its generation
     ends as cancelled, without waiting for its 100 tokens."""
     gate = threading.Event()
     gate.set()
-    hook = served.model.model.layers[0].register_forward_pre_hook(lambda module, args: gate.wait(60) and None)
-    try:
+    with held(served, gate):
         body = {"model": "tiny", "prompt": "a long one", "max_tokens": 100, "stream": True}
         with httpx.Client(timeout=30) as client, client.stream("POST", served.base + "/v1/completions", json=body) as response:
             assert response.status_code == 200
             next(response.iter_lines())
             gate.clear()  # the engine now waits inside its next forward
         # The connection is closed: the server notices and cancels.
-        deadline = time.monotonic() + 30
-        while served.engine.admission.inside:
-            assert time.monotonic() < deadline, "the cancelled request kept its place"
-            time.sleep(0.05)
-    finally:
-        gate.set()
-        hook.remove()
-    served.session.flush(10)
-    (span,) = [s for s in served.exporter.get_finished_spans() if s.name == "text_completion tiny"]
-    assert span.attributes["gen_ai.response.finish_reasons"] == ("cancelled",)
-    assert span.attributes["gen_ai.usage.output_tokens"] < 100
+        wait_until_its_place_frees(served, "cancelled")
+    assert cancelled_span(served).attributes["gen_ai.usage.output_tokens"] < 100
 
 
 def test_a_request_whose_client_left_is_cancelled_in_the_engine(served):
     """Not streamed: the client gives up (a timeout) while the engine is held; the server notices
     and cancels the request rather than finish it for nobody."""
-    gate = threading.Event()
-    hook = served.model.model.layers[0].register_forward_pre_hook(lambda module, args: gate.wait(60) and None)
-    try:
+    with held(served, threading.Event()):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(served.base + "/v1/completions", json={"model": "tiny", "prompt": "a long one", "max_tokens": 100}, timeout=httpx.Timeout(30, read=1.0))
-        deadline = time.monotonic() + 30
-        while served.engine.admission.inside:
-            assert time.monotonic() < deadline, "the abandoned request kept its place"
-            time.sleep(0.05)
-    finally:
-        gate.set()
-        hook.remove()
-    served.session.flush(10)
-    (span,) = [s for s in served.exporter.get_finished_spans() if s.name == "text_completion tiny"]
-    assert span.attributes["gen_ai.response.finish_reasons"] == ("cancelled",)
+        wait_until_its_place_frees(served, "abandoned")
+    cancelled_span(served)
 
 
 def test_sampled_and_greedy_requests_share_a_batch_and_greedy_stays_greedy(served):

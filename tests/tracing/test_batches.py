@@ -23,9 +23,10 @@ NEW_TOKENS = 8
 PROMPT_LENGTHS = (5, 12, 3, 20, 9)
 
 
-def llama() -> LlamaForCausalLM:
+def llama(vocab_size: int = 256) -> LlamaForCausalLM:
+    """A tiny random Llama (seeded: the same weights at every call)."""
     config = LlamaConfig(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
         intermediate_size=128, max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     torch.manual_seed(0)
