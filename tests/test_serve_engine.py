@@ -213,6 +213,8 @@ def test_greedy_only_refuses_sampling_by_name_and_serves_greedy():
     try:
         refused = httpx.post(running.base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "temperature": 0.5}, timeout=30)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "temperature" and "--greedy-only" in refused.text
+        chat = httpx.post(running.base + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages" and "no chat template" in chat.text
         served = running.complete(PROMPTS[0], 10)
         assert served.json()["choices"][0]["text"] == running.tokenizer.decode(alone(PROMPTS[0], 10))
     finally:

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tracedoffload.generation import uses_chat_template
 from tracedoffload.logs import get_logger
 from tracedoffload.serve.admission import QueueFull
 from tracedoffload.serve.engine import Engine, EngineFailed
@@ -89,7 +90,7 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
             raise ApiError(404, f"model {request.model!r} does not exist; this server serves {engine.model_name!r} (GET /v1/models)", "model", "not_found_error", "model_not_found")
         if request.sampling is not None and not engine.settings.sampling:
             raise ApiError(400, f"temperature: {request.sampling.temperature!r}: 0 or absent; this server decodes greedily only (started with --greedy-only)", "temperature")
-        prompt_ids = engine.prompt_ids(request.messages, request.prompt)
+        prompt_ids = _prompt_ids(engine, request)
         limit = engine.settings.max_context_tokens
         max_tokens = request.max_tokens or min(engine.settings.default_max_tokens, max(1, limit - len(prompt_ids)))
         if len(prompt_ids) + max_tokens > limit:
@@ -161,6 +162,16 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def _prompt_ids(engine: Engine, request: Any) -> list[int]:
+    """Token ids of a chat (through the tokenizer's chat template) or of a plain prompt."""
+    if request.messages is None:
+        return list(engine.tokenizer(request.prompt)["input_ids"])
+    if not uses_chat_template(engine.tokenizer):
+        raise ApiError(400, f"messages: {engine.model_name} has no chat template: send a plain prompt to /v1/completions", "messages")
+    encoded = engine.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_dict=True)
+    return list(encoded["input_ids"])
 
 
 def _sse(payload: dict[str, Any]) -> str:

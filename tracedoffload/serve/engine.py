@@ -258,14 +258,3 @@ class Engine:
             self.failure = f"the engine thread stopped: {cause!r}" if cause is not None else "the engine thread stopped"
             log.error("engine.failed", reason=self.failure)
 
-    def prompt_ids(self, messages: list[dict[str, str]] | None, prompt: str | None) -> list[int]:
-        """Token ids of a chat (through the tokenizer's chat template) or of a plain prompt."""
-        if messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                from tracedoffload.serve.protocol import bad
-
-                raise bad("messages", f"{self.model_name} has no chat template: send a plain prompt to /v1/completions")
-            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-            return list(encoded["input_ids"])
-        return list(self.tokenizer(prompt)["input_ids"])
-
