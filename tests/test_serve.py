@@ -112,6 +112,17 @@ class TestTheOpenAIClient:
         answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[2]}], max_tokens=12, temperature=0.8, top_p=0.95)
         assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
 
+    def test_a_seed_reproduces_a_sampled_answer_alone_and_beside_others(self, client):
+        def ask(seed: int) -> str:
+            answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[2]}], max_tokens=12, temperature=1.0, seed=seed)
+            return answer.choices[0].message.content
+
+        alone = ask(5)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            beside = [pool.submit(ask, 5), pool.submit(ask, 6), pool.submit(ask, 5)]
+            answers = [future.result() for future in beside]
+        assert answers[0] == answers[2] == alone
+
     def test_completions_and_a_stop_string(self, client):
         plain = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=8)
         assert plain.choices[0].text and plain.usage.prompt_tokens > 0
@@ -121,11 +132,6 @@ class TestTheOpenAIClient:
 
 
 class TestBadRequests:
-    def test_a_seed_with_sampling_is_refused_by_name(self, client):
-        with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0.7, seed=3)
-        assert caught.value.body["param"] == "seed" and "one random stream" in caught.value.body["message"]
-
     def test_an_unknown_model_is_404(self, client):
         with pytest.raises(openai.NotFoundError) as caught:
             client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])

@@ -208,6 +208,36 @@ def test_sampled_and_greedy_requests_share_a_batch_and_greedy_stays_greedy(serve
     assert answers[1] != greedy[1] and answers[3] != greedy[1]
 
 
+def test_a_seeded_sample_is_the_same_alone_and_in_any_batch(served):
+    """The same seed draws the same completion whether the request runs alone or shares its steps
+    with others (greedy, sampled unseeded, seeded differently) arriving at other times; another
+    seed draws another."""
+    def seeded(seed: int, prompt: str = PROMPTS[1]) -> str:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 1.5, "seed": seed}
+        response = httpx.post(served.base + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    first = seeded(7)
+
+    def crowd(n: int) -> Any:
+        time.sleep(0.03 * n)
+        if n == 0:
+            return seeded(7)
+        if n == 1:
+            return served.complete(PROMPTS[3], 12)
+        if n == 2:
+            return httpx.post(served.base + "/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 1.0}, timeout=60)
+        return seeded(8, PROMPTS[2])
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        crowded = list(pool.map(crowd, range(4)))
+    assert crowded[0] == first
+    assert seeded(7) == first
+    assert seeded(8) != first
+    assert first != served.tokenizer.decode(alone(PROMPTS[1], 16))  # it was sampled, not greedy
+
+
 def test_greedy_only_refuses_sampling_by_name_and_serves_greedy():
     running = Served(EngineSettings(max_batch_size=2, max_batch_tokens=32, max_context_tokens=128, max_queue=8, default_max_tokens=8, sampling=False))
     try:

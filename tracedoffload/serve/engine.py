@@ -116,6 +116,8 @@ class Engine:
         manager reads the model's placement when it starts)."""
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
+        from tracedoffload.serve.seeded_sampling import install_seeded_sampling
+
         settings = self.settings
         sizing = ContinuousBatchingConfig(
             page_size=settings.page_size,
@@ -147,6 +149,8 @@ class Engine:
 
             self._tracer = trace_continuous_batching(self.model, self.session, self.model_name)
         self._manager = self.model.init_continuous_batching(generation_config=config, continuous_batching_config=sizing)
+        if settings.sampling:
+            install_seeded_sampling(self._manager.logit_processor)
         self._manager.start()
         from tracedoffload.planner import kv_bytes_per_token
 
@@ -238,7 +242,8 @@ class Engine:
         if sampling is None:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         vocabulary = int(getattr(self.model.config, "vocab_size", 0)) or 1 << 30
-        return {"temperature": sampling.temperature, "top_k": sampling.top_k or vocabulary, "top_p": sampling.top_p}
+        warpers = {"temperature": sampling.temperature, "top_k": sampling.top_k or vocabulary, "top_p": sampling.top_p}
+        return warpers if sampling.seed is None else {**warpers, "seed": sampling.seed}
 
     def _check_alive(self) -> None:
         manager = self._manager

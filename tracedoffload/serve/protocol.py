@@ -3,12 +3,12 @@
 Requests are checked here, field by field, before they reach the engine: a bad one is an
 `ApiError` (400, or 404 for an unknown model) in OpenAI's error shape, naming the field and what
 is valid. Parameters the engine cannot honour are refused by name, never silently ignored: `n`
-above 1, and `seed` with sampling (the continuous-batching engine samples every request of a
-batch from one random stream, so a seed could not make one request reproducible).
+above 1.
 
 Decoding: greedy unless `temperature` is given above 0 (greedy is this server's default, where
 OpenAI's is 1: an answer is reproducible unless sampling is asked for); then `top_p` and `top_k`
-(as vLLM takes it, -1 or absent: off) apply.
+(as vLLM takes it, -1 or absent: off) apply, and `seed` makes the draw reproducible whatever
+else shares the batch (serve/seeded_sampling.py).
 """
 
 from __future__ import annotations
@@ -146,12 +146,14 @@ def _max_tokens(data: dict[str, Any]) -> int | None:
 
 
 class Sampling:
-    """A sampled request's settings: temperature > 0; top_p in (0, 1]; top_k >= 1, or None (off)."""
+    """A sampled request's settings: temperature > 0; top_p in (0, 1]; top_k >= 1, or None (off);
+    seed, or None (the engine's shared random stream)."""
 
-    def __init__(self, temperature: float, top_p: float, top_k: int | None) -> None:
+    def __init__(self, temperature: float, top_p: float, top_k: int | None, seed: int | None = None) -> None:
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
+        self.seed = seed
 
 
 def _sampling(data: dict[str, Any]) -> Sampling | None:
@@ -169,9 +171,7 @@ def _sampling(data: dict[str, Any]) -> Sampling | None:
         raise bad("seed", f"{seed!r}: an integer")
     if not temperature:
         return None  # greedy: top_p and top_k change nothing, and a seed is not needed to reproduce it
-    if seed is not None:
-        raise bad("seed", f"{seed!r}: not with sampling here (a batch is sampled from one random stream); leave it out, or use temperature 0 for a reproducible answer")
-    return Sampling(float(temperature), float(top_p) if top_p is not None else 1.0, top_k if top_k not in (None, -1) else None)
+    return Sampling(float(temperature), float(top_p) if top_p is not None else 1.0, top_k if top_k not in (None, -1) else None, seed)
 
 
 def _stop(stop: Any) -> list[str]:
