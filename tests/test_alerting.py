@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from tracedoffload import names
-from tests.servers import RULES, binary, ensure_debian_packages, free_port, prometheus_stack, write_test_configs
+from tests.servers import ALERTMANAGER_CONFIG, RULES, binary, ensure_debian_packages, free_port, prometheus_stack, write_test_configs
 
 pytestmark = pytest.mark.servers
 RULES_TEST = RULES.with_name("alerts_test.yml")
+PROMETHEUS_CONFIG = RULES.with_name("prometheus.yml")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,6 +25,16 @@ def debian_packages():
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([binary("promtool"), *args], capture_output=True, text=True, timeout=120)
+
+
+def amtool(*args: str) -> subprocess.CompletedProcess:
+    if not binary("amtool"):
+        pytest.skip("amtool is not installed (Debian's prometheus-alertmanager ships it)")
+    return subprocess.run([binary("amtool"), *args], capture_output=True, text=True, timeout=60)
+
+
+def alert_rules() -> list[dict]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r]
 
 
 class TestRules:
@@ -61,6 +72,42 @@ class TestRules:
         assert result.returncode != 0
         assert message in (result.stdout + result.stderr).lower()
 
+    def test_every_alert_has_a_severity_and_a_runbook(self):
+        """Each alert is a page or a ticket and says what, why and where to look, and the README's
+        runbook table has a row for it."""
+        readme = (RULES.parent.parent.parent / "README.md").read_text()
+        for rule in alert_rules():
+            assert rule["labels"]["severity"] in {"page", "ticket"}, rule["alert"]
+            assert {"summary", "description", "runbook"} <= set(rule["annotations"]), rule["alert"]
+            assert rule["annotations"]["runbook"].startswith("README.md#alerts"), rule["alert"]
+            assert f"| `{rule['alert']}` |" in readme, f"{rule['alert']} has no row in the README's runbook table"
+
+    def test_production_prometheus_config_is_valid(self):
+        """promtool accepts collectors/prometheus/prometheus.yml (the compose stack's), with its rules."""
+        result = promtool("check", "config", str(PROMETHEUS_CONFIG))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_server_alerts_read_the_scraped_serve_job(self):
+        """The job TracedOffloadServerUnreachable watches is one prometheus.yml scrapes."""
+        jobs = {c["job_name"] for c in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
+        unreachable = next(r for r in alert_rules() if r["alert"] == "TracedOffloadServerUnreachable")
+        assert re.search(r'job="([^"]+)"', unreachable["expr"]).group(1) in jobs
+
+    def test_alertmanager_config_is_valid(self):
+        """amtool accepts collectors/alertmanager/alertmanager.yml."""
+        result = amtool("check-config", str(ALERTMANAGER_CONFIG))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    @pytest.mark.parametrize("severity, receiver", [("page", "pager"), ("ticket", "tickets")])
+    def test_alerts_route_by_severity(self, severity, receiver):
+        """Each alert's severity reaches its receiver through the configured routes."""
+        for rule in alert_rules():
+            if rule["labels"]["severity"] != severity:
+                continue
+            labels = [f"alertname={rule['alert']}", f"severity={severity}", "instance=serve:8000", "model=m"]
+            result = amtool("config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}", f"--verify.receivers={receiver}", *labels)
+            assert result.returncode == 0, f"{rule['alert']}: {result.stdout}{result.stderr}"
+
     def test_rules_use_only_known_metrics(self):
         """Every metric an alert reads is defined in tracedoffload/names.py."""
         known = {m.prometheus for m in names.ALL}
@@ -77,7 +124,7 @@ def run_cli(port: int, *flags: str) -> subprocess.Popen:
 
 # Alerts on how fast tokens are: a loaded test host reaches their thresholds (pending or firing)
 # with nothing wrong in the code, so a test about leaks must not count them as false alarms.
-HOST_SPEED_ALERTS = {"TracedOffloadDecodeStepLatencyHigh"}
+HOST_SPEED_ALERTS = {"TracedOffloadDecodeStepLatencyHigh", "TracedOffloadTTFTBudgetBurnFast", "TracedOffloadTTFTBudgetBurnSlow"}
 
 
 def alerts_beyond_host_speed(alerts: list[dict], instance: str) -> list[dict]:

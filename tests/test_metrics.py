@@ -93,8 +93,17 @@ def expected_on_cpu(stats: dict) -> dict:
         # The first reading of a thread is its baseline; the steps after it are counted.
         mn.THREAD_CPU: [(("", {"thread": "model"}), lambda s: 0 < s), (("", {"thread": "telemetry"}), lambda s: 0 < s)],
         mn.KV_EXPECTED: [((), 1024)],
+        # Batch 1: one sequence per step; the 5-token prompt, then one token per decode.
+        mn.STEP_BATCH_SIZE: [(("_count",), 5), (("_sum",), 5)],
+        mn.STEP_BATCH_TOKENS: [(("_count",), 5), (("_sum",), 9)],
     }
 
+
+# The server's own: recorded by `serve` only, each checked by tests/test_serve_production.py.
+SERVER_ONLY = {
+    mn.SERVER_QUEUE_DURATION, mn.SERVER_REQUESTS, mn.SERVER_REQUESTS_WAITING, mn.SERVER_REQUESTS_RUNNING,
+    mn.SERVER_ENGINE_UP, mn.KV_CACHE_USAGE, mn.KV_CACHE_LIMIT,
+}
 
 NOT_ON_CPU = {
     mn.GPU_MEMORY_USAGE, mn.GPU_MEMORY_LIMIT, mn.GPU_PROCESS_MEMORY,  # NVML
@@ -121,10 +130,12 @@ def value(found: dict[str, list], name: str, **labels: str) -> float:
 
 class TestExposition:
     def test_every_documented_metric_is_accounted_for(self):
-        """Each metric of names.py is either checked below for a CPU run's values or listed as
-        readable only with a GPU: a metric registered and never recorded cannot hide."""
+        """Each metric of names.py is either checked below for a CPU run's values, checked by the
+        server's tests, or listed as readable only with a GPU: a metric registered and never
+        recorded cannot hide."""
         checked = set(expected_on_cpu({"bytes_transferred": 0, "cpu_layers": 0, "gpu_layers": 0, "dropped_spans": 0}))
-        assert checked | NOT_ON_CPU == set(mn.ALL) and not checked & NOT_ON_CPU
+        assert checked | SERVER_ONLY | NOT_ON_CPU == set(mn.ALL)
+        assert not checked & NOT_ON_CPU and not checked & SERVER_ONLY and not SERVER_ONLY & NOT_ON_CPU
 
     def test_every_cpu_series_holds_the_run_s_values(self, served_run):
         """Every metric a CPU run records holds that run's values under its names.py name, sample

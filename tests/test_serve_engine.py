@@ -5,6 +5,7 @@ others run, and a forward that fails takes the engine down cleanly: every waitin
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import threading
@@ -13,7 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 import torch
 import uvicorn
 
@@ -21,6 +24,7 @@ from tracedoffload import OffloadConfig, offload
 from tracedoffload.models.random_model import ByteTokenizer
 from tracedoffload.serve.app import create_app
 from tracedoffload.serve.engine import Engine, EngineSettings
+from tracedoffload.serve.metrics import ServerMetrics
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 from tests.servers import free_port
@@ -36,26 +40,39 @@ PROMPTS = ["offloading", "a longer prompt about layers and copies", "hi", "conti
 
 
 class Served:
-    """Engine + app + uvicorn on a thread; `stop()` ends all three."""
+    """Engine + app + uvicorn on a thread, with the server's metrics in `registry`; `stop()` ends
+    all three. `app_options` go to `create_app` (api_key, record_content)."""
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, **app_options: Any) -> None:
         self.model = llama()
         self.tokenizer = ByteTokenizer()
         self.offloader = offload(self.model, OffloadConfig(num_layers_on_gpu=2))
         self.exporter = InMemorySpanExporter()
         self.session = TracingSession([self.exporter], policy=SamplingPolicy(level="token"))
         self.session.attach(self.offloader)
-        self.engine = Engine(self.model, self.tokenizer, "tiny", settings, self.session)
+        self.registry = CollectorRegistry()
+        self.metrics = ServerMetrics("tiny", self.registry, NoOpMeterProvider())
+        self.engine = Engine(self.model, self.tokenizer, "tiny", settings, self.session, metrics=self.metrics)
         self.engine.start()
+        self.metrics.watch(self.engine)
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        app = create_app(self.engine, registry=self.registry, metrics=self.metrics, **app_options)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve(),), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         self.base = f"http://127.0.0.1:{self.port}"
+
+    def server_loop_call(self, function: Any) -> None:
+        """Run `function` on the server's event loop (the engine's asyncio side lives there)."""
+        async def call() -> None:
+            function()
+
+        asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
 
     def complete(self, prompt: str, max_tokens: int = 8) -> httpx.Response:
         return httpx.post(self.base + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens}, timeout=60)
@@ -141,7 +158,10 @@ def test_a_failing_forward_fails_every_waiting_request_and_the_engine_goes_unrea
 @contextlib.contextmanager
 def held(served: Served, gate: threading.Event):
     """The engine waits inside every forward while `gate` is clear; released on leaving."""
-    hook = served.model.model.layers[0].register_forward_pre_hook(lambda module, args: gate.wait(60) and None)
+    def hold(module: Any, args: Any) -> None:
+        gate.wait(60)  # returns None whatever happens: a pre-hook's value would replace the layer's inputs
+
+    hook = served.model.model.layers[0].register_forward_pre_hook(hold)
     try:
         yield
     finally:

@@ -39,6 +39,8 @@ STEP_BUCKETS_S = (5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 REQUEST_BUCKETS_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKENS_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class OffloadMetrics:
@@ -64,6 +66,8 @@ class OffloadMetrics:
             (mn.REQUEST_DURATION, [mn.LABEL_MODEL], REQUEST_BUCKETS_S),
             (mn.LAYER_TRANSFER, [mn.LABEL_MODEL], LAYER_BUCKETS_S),
             (mn.LAYER_COMPUTE, [mn.LABEL_MODEL], LAYER_BUCKETS_S),
+            (mn.STEP_BATCH_SIZE, [mn.LABEL_MODEL], BATCH_SIZE_BUCKETS),
+            (mn.STEP_BATCH_TOKENS, [mn.LABEL_MODEL], BATCH_TOKENS_BUCKETS),
         ):
             self._prom[name.otel] = Histogram(name.prometheus, name.description, labels, buckets=buckets, registry=self.registry)
             self._otel[name.otel] = meter.create_histogram(name.otel, unit=name.unit, description=name.description, explicit_bucket_boundaries_advisory=buckets)
@@ -125,6 +129,9 @@ class OffloadMetrics:
             elif record.kind == COMPUTE:
                 compute_hist.observe((end - start) / 1e9)
                 otel_compute.record((end - start) / 1e9, attributes)
+        if payload.sequences:  # a forward outside any generation serves none
+            self._observe(mn.STEP_BATCH_SIZE, len(payload.sequences), {}, None, None)
+            self._observe(mn.STEP_BATCH_TOKENS, sum(s.tokens for s in payload.sequences), {}, None, None)
         self._add(mn.BYTES_COPIED, timing.sums[mn.STEP_TRANSFER_BYTES])
         self._add(mn.STEPS, 1)
         self._add(mn.GENERATED_TOKENS, sum(s.generated for s in payload.sequences))
@@ -216,6 +223,13 @@ class OffloadMetrics:
         self._last_counts[name.otel] = total
         if increase > 0:
             self._add(name, increase)
+
+
+def exemplar_for(span_context: Any) -> tuple[dict[str, str] | None, Any]:
+    """The exemplar and context for a span's context, or none for no (or an invalid) span."""
+    if span_context is None or not span_context.is_valid:
+        return None, None
+    return _exemplar(span_context.trace_id, span_context.span_id)
 
 
 def _exemplar(trace_id: int, span_id: int) -> tuple[dict[str, str], Any]:

@@ -53,6 +53,12 @@ GENERATION_STEPS = "generation.steps"  # forwards that served it (its step event
 GENERATION_TTFT_NS = "generation.time_to_first_token_ns"  # start to the end of its prefill step
 GENERATION_TPOT_NS = "generation.time_per_output_token_ns"  # after the first token, per output token
 GENERATION_QUEUE_NS = "generation.queue_ns"  # serve: from arrival to a place in the engine's batch
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"  # serve: the answer's id (chatcmpl-..., cmpl-...)
+REQUEST_ID = "request.id"  # serve: the x-request-id the answer carries (the caller's, or a new one)
+REQUEST_PRIORITY = "request.priority"  # serve: the body's priority class
+# serve --record-content only (never otherwise): the request's messages and the answer, as JSON.
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
 EVENT_STEP = "tracedoffload.step"  # on the generation span, per step that served it: the way to its step
 EVENT_STEP_TRACE_ID = "step.trace_id"  # 32 hex: open it in Jaeger or Tempo
 EVENT_STEP_SPAN_ID = "step.span_id"
@@ -153,6 +159,18 @@ REQUEST_DURATION = _m("gen_ai.server.request.duration", "gen_ai_server_request_d
 LAYER_TRANSFER = _m("tracedoffload.layer.transfer.duration", "tracedoffload_layer_transfer_duration_seconds", "histogram", "s", "Host-to-device copy of one offloaded layer")
 LAYER_COMPUTE = _m("tracedoffload.layer.compute.duration", "tracedoffload_layer_compute_duration_seconds", "histogram", "s", "Forward of one decoder layer")
 
+STEP_BATCH_SIZE = _m("tracedoffload.step.sequences", "tracedoffload_step_sequences", "histogram", "{sequence}", "Sequences served by one step: the batch size")
+STEP_BATCH_TOKENS = _m("tracedoffload.step.tokens", "tracedoffload_step_tokens", "histogram", "{token}", "Tokens processed by one step, prompt chunks and decodes together")
+
+# -- serve (the server's own; the gen_ai.server.* histograms above are per request there) -----------------
+SERVER_QUEUE_DURATION = _m("tracedoffload.server.queue.duration", "tracedoffload_server_queue_duration_seconds", "histogram", "s", "Time a request waited in line before the engine took it")
+SERVER_REQUESTS = _m("tracedoffload.server.requests", "tracedoffload_server_requests_total", "counter", "{request}", "Requests answered, by outcome (OUTCOMES)")
+SERVER_REQUESTS_WAITING = _m("tracedoffload.server.requests.waiting", "tracedoffload_server_requests_waiting", "gauge", "{request}", "Requests in line for the engine")
+SERVER_REQUESTS_RUNNING = _m("tracedoffload.server.requests.running", "tracedoffload_server_requests_running", "gauge", "{request}", "Requests in the engine's batch")
+SERVER_ENGINE_UP = _m("tracedoffload.server.engine.up", "tracedoffload_server_engine_up", "gauge", "1", "1 while the engine takes requests; 0 once it failed, or while the server drains")
+KV_CACHE_USAGE = _m("tracedoffload.kv_cache.usage", "tracedoffload_kv_cache_usage_bytes", "gauge", "By", "KV-cache bytes held by live sequences (serve's paged cache)")
+KV_CACHE_LIMIT = _m("tracedoffload.kv_cache.limit", "tracedoffload_kv_cache_limit_bytes", "gauge", "By", "KV-cache bytes allocated up front (serve's paged cache)")
+
 # -- counters -----------------------------------------------------------------------------------------
 BYTES_COPIED = _m("tracedoffload.transfer.bytes", "tracedoffload_transfer_bytes_total", "counter", "By", "Bytes copied host to device")
 STEPS = _m("tracedoffload.steps", "tracedoffload_steps_total", "counter", "{step}", "Forward passes (steps) completed")
@@ -186,4 +204,13 @@ LABEL_PHASE = "phase"  # a step's phase: PHASES or PHASE_MIXED
 LABEL_MODEL = "model"
 LABEL_SOURCE = "source"  # memory source: "device" (torch allocator / NVML) or "host" (RSS + pinned)
 LABEL_DEVICE = "device"
+LABEL_OUTCOME = "outcome"  # a server request's end: one of OUTCOMES
+OUTCOME_COMPLETED = "completed"  # answered whole (finish reason stop or length)
+OUTCOME_REJECTED = "rejected"  # 429: the line was full
+OUTCOME_CANCELLED = "cancelled"  # the client went away before its answer was done
+OUTCOME_FAILED = "failed"  # 5xx: the engine failed, or the answer was cut by a drain's deadline
+OUTCOME_INVALID = "invalid"  # 4xx other than 401 and 429: a bad body, an unknown model, a limit
+OUTCOME_UNAUTHORIZED = "unauthorized"  # 401: no or a wrong API key
+OUTCOME_UNAVAILABLE = "unavailable"  # 503: draining, or the engine is down
+OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_REJECTED, OUTCOME_CANCELLED, OUTCOME_FAILED, OUTCOME_INVALID, OUTCOME_UNAUTHORIZED, OUTCOME_UNAVAILABLE)
 LABEL_THREAD = "thread"  # model (whichever thread runs the forwards), telemetry, export

@@ -207,7 +207,8 @@ class Telemetry:
         self.metrics: Any = None
         self.monitor: Any = None
         self.injector: Any = None
-        self.meter_provider: Any = None
+        self.meter_provider: Any = None  # the SDK's, when metrics are exported (flushed at the end)
+        self.meters: Any = None  # the provider the instruments come from (the SDK's, or a no-op one)
         self.registry: Any = None  # the Prometheus registry of the metrics, when there are metrics
         self.metrics_port: int | None = None
         self.exports_spans = False
@@ -263,6 +264,7 @@ class Telemetry:
                 from opentelemetry.metrics import NoOpMeterProvider
 
                 provider = NoOpMeterProvider()
+            self.meters = provider
             self.metrics = OffloadMetrics(self.model_name, registry=registry, meter_provider=provider)
             self.metrics.subscribe(session)
             if settings.metrics_port is not None:

@@ -6,13 +6,21 @@
          -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
 
 Takes `run`'s model, offload and telemetry flags. A request is greedy unless it gives a
-`temperature` above 0 (then `top_p` and `top_k` apply); `--greedy-only` refuses sampling and
-decodes faster at large batches.
+`temperature` above 0 (then `top_p`, `top_k` and `seed` apply); `--greedy-only` refuses sampling
+and decodes faster at large batches.
+
+Secure by default: it binds 127.0.0.1; `--api-key` (or TRACEDOFFLOAD_API_KEY) asks every /v1/
+request for `Authorization: Bearer <key>`; binding any other address without a key is refused
+unless `--allow-unauthenticated`. Prompts and answers reach spans only with `--record-content`.
+SIGTERM or Ctrl-C drains: /ready turns 503, new requests get 503, those in flight finish within
+`--drain-timeout`, the telemetry is sent, and it exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 from typing import Any
 
@@ -20,6 +28,7 @@ from tracedoffload._exceptions import ConfigError
 from tracedoffload.cli import model_flags, telemetry_flags
 
 DEFAULT_PORT = 8000
+API_KEY_VARIABLE = "TRACEDOFFLOAD_API_KEY"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before new ones get 429 (default 64)")
     server.add_argument("--default-max-tokens", type=int, default=256, help="completion tokens when a request does not say (default 256)")
     server.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    server.add_argument("--max-requests-per-client", type=int, default=16, help="requests one client address may have in flight, running and waiting (default 16; 0: no limit)")
+    server.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds the requests in flight have to finish before they are cut off (default 30)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--api-key", default=None, help=f"bearer token every /v1/ request must send (default: ${API_KEY_VARIABLE}; none: no authentication)")
+    security.add_argument("--allow-unauthenticated", action="store_true", help="allow binding beyond loopback without an API key")
+    security.add_argument("--record-content", action="store_true", help="put prompts and answers on the request spans (never otherwise; never in logs)")
     server.add_argument(
         "--greedy-only", action="store_true",
         help="refuse temperature above 0 and decode without per-request sampling warpers: faster at large batches (see the README's serve benchmark)",
@@ -58,6 +73,9 @@ def serve(args: argparse.Namespace) -> int:
         raise ConfigError("port", args.port, "a TCP port from 1 to 65535, or 0 for any free port")
     if args.max_body_bytes < 1:
         raise ConfigError("max_body_bytes", args.max_body_bytes, "an integer >= 1")
+    if not 0 < args.drain_timeout <= 3600:
+        raise ConfigError("drain_timeout", args.drain_timeout, "seconds, more than 0 and at most 3600")
+    api_key = _api_key(args)
     from tracedoffload.serve.engine import EngineSettings
 
     engine_settings = EngineSettings(
@@ -66,6 +84,7 @@ def serve(args: argparse.Namespace) -> int:
         max_context_tokens=args.max_context_tokens,
         max_queue=args.max_queue,
         default_max_tokens=args.default_max_tokens,
+        max_per_client=args.max_requests_per_client,
         sampling=not args.greedy_only,
     )
     settings = telemetry_flags.check_arguments(args, default_trace_file=False)
@@ -78,7 +97,9 @@ def serve(args: argparse.Namespace) -> int:
     from tracedoffload.models import load_model
     from tracedoffload.offloader import offload, resolve_device
     from tracedoffload.serve.app import create_app
+    from tracedoffload.serve.drain import DrainingServer
     from tracedoffload.serve.engine import Engine
+    from tracedoffload.serve.metrics import ServerMetrics
     from tracedoffload.telemetry import Telemetry
 
     config, dtype = model_flags.with_dtype(config, args)
@@ -94,13 +115,17 @@ def serve(args: argparse.Namespace) -> int:
         # The paged KV cache is allocated when the engine starts, not per token: no KV growth to expect.
         telemetry = Telemetry(settings, offloader, name, 0, metrics=True)
         telemetry.start()
-    engine = Engine(model, tokenizer, name, engine_settings, telemetry.session if telemetry else None)
+    registry, meters = _metric_sinks(telemetry)
+    server_metrics = ServerMetrics(name, registry, meters)
+    engine = Engine(model, tokenizer, name, engine_settings, telemetry.session if telemetry else None, metrics=server_metrics)
     engine.start()
-    app = create_app(engine, registry=telemetry.registry if telemetry else None, max_body_bytes=args.max_body_bytes)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off"))
-    print(f"tracedoffload: serving {name} on http://{args.host}:{args.port}/v1 (max batch {engine_settings.max_batch_size})", file=sys.stderr, flush=True)
+    server_metrics.watch(engine)
+    app = create_app(engine, registry=registry, max_body_bytes=args.max_body_bytes, metrics=server_metrics, api_key=api_key, record_content=args.record_content)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off"), engine, args.drain_timeout)
+    auth = "API key required" if api_key else "no API key"
+    print(f"tracedoffload: serving {name} on http://{args.host}:{args.port}/v1 (max batch {engine_settings.max_batch_size}; {auth})", file=sys.stderr, flush=True)
     try:
-        server.run()  # returns on SIGTERM / SIGINT, after in-flight responses (uvicorn's graceful shutdown)
+        server.run()  # returns once drained (SIGTERM / SIGINT), see serve/drain.py
     finally:
         engine.stop()
         if telemetry is not None:
@@ -108,3 +133,36 @@ def serve(args: argparse.Namespace) -> int:
         if offloader is not None:
             offloader.detach()
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key or the environment; refuse to bind beyond loopback without one."""
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
+    if key is not None and not key.strip():
+        raise ConfigError("api_key", "(empty)", "a non-empty token")
+    if key is None and not args.allow_unauthenticated and not _loopback(args.host):
+        raise ConfigError(
+            "host", args.host,
+            f"a loopback address (127.0.0.1, ::1, localhost) without an API key: set --api-key or ${API_KEY_VARIABLE}, or pass --allow-unauthenticated to serve everyone who can reach it",
+        )
+    return key
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: it may resolve beyond loopback
+
+
+def _metric_sinks(telemetry: Any) -> tuple[Any, Any]:
+    """The registry and meter provider the server's metrics share with the model's; their own
+    (served on /metrics) when the model has no telemetry (--trace-level off, --no-offload)."""
+    if telemetry is not None and telemetry.registry is not None:
+        return telemetry.registry, telemetry.meters
+    from opentelemetry.metrics import NoOpMeterProvider
+    from prometheus_client import CollectorRegistry
+
+    return CollectorRegistry(), NoOpMeterProvider()

@@ -7,10 +7,15 @@
     GET  /ready                 the engine can take requests (200), or not (503)
     GET  /metrics               Prometheus exposition of the telemetry's metrics
 
-Every error is OpenAI's error shape (`protocol.ApiError`): 400 naming the field, 404 for an
-unknown model, 413 for a body over the limit, 429 with Retry-After when the engine is full, 500
+Every error is OpenAI's error shape (`protocol.ApiError`): 400 naming the field, 401 without the
+API key, 404 for an unknown model, 413 for a body over the limit, 429 with Retry-After when the
+engine (or this client's share of it) is full, 503 while draining or with the engine down, 500
 when the engine failed; never a traceback. Bodies are read and checked here, not by FastAPI's
-validation (whose 422 and error shape are not OpenAI's).
+validation (whose 422 and error shape are not OpenAI's). Every answer carries an x-request-id,
+and every completion request ends in one outcome of the server's request counter.
+
+Prompts and answers reach the request's span only with `record_content` (`--record-content`),
+and never the log.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tracedoffload import names
 from tracedoffload.generation import uses_chat_template
 from tracedoffload.logs import get_logger
 from tracedoffload.serve.admission import QueueFull
-from tracedoffload.serve.engine import Engine, EngineFailed
+from tracedoffload.serve.engine import Draining, Engine, EngineFailed, RequestNotes
 from tracedoffload.serve.protocol import ApiError, chunk, completion, new_id, parse_request, usage_chunk
+from tracedoffload.serve.request_context import RequestIdMiddleware, authorized, caller_context
 from tracedoffload.serve.text import TextStream
 
 log = get_logger("tracedoffload.serve")
@@ -36,19 +43,41 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DISCONNECT_CHECK_S = 0.5  # how often a request being answered looks whether its client is still there
 
 
-def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The app over a started `engine`; `registry`: the Prometheus registry /metrics serves."""
+def create_app(
+    engine: Engine,
+    *,
+    registry: Any = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: Any = None,
+    api_key: str | None = None,
+    record_content: bool = False,
+) -> RequestIdMiddleware:
+    """The app over a started `engine`. `registry`: the Prometheus registry /metrics serves;
+    `metrics`: the server's metrics (`serve/metrics.py`); `api_key`: the bearer token /v1/*
+    asks for (None: none)."""
     app = FastAPI(title="tracedoffload", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def count(request: Request, outcome: str) -> None:
+        if metrics is not None and request.url.path.startswith("/v1/") and request.method == "POST":
+            metrics.request_ended(outcome)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+        count(request, _outcome(error.status))
+        headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else {}
+        if error.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.error("serve.unexpected_error", path=request.url.path, error=repr(error), exc_info=error)
+        count(request, names.OUTCOME_FAILED)
+        log.error("serve.unexpected_error", path=request.url.path, request_id=request.state.request_id, error=repr(error), exc_info=error)
         return JSONResponse(ApiError(500, "internal error (logged on the server)", kind="server_error").body(), status_code=500)
+
+    def check_key(request: Request) -> None:
+        if not authorized(request.headers, api_key):
+            raise ApiError(401, "a valid API key is needed: send the header Authorization: Bearer <key>", kind="invalid_request_error", code="invalid_api_key")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -56,12 +85,13 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        if engine.ready:
+        if engine.accepting:
             return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "not ready", "reason": engine.failure or "the engine is not running"}, status_code=503)
+        reason = "draining: the server is shutting down" if engine.draining else engine.failure or "the engine is not running"
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
         if registry is None:
             raise ApiError(404, "no metrics: they come from the offloaded model's telemetry (not with --trace-level off or --no-offload)", kind="not_found_error")
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -72,7 +102,8 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        check_key(request)
         return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "tracedoffload"}]}
 
     @app.post("/v1/chat/completions")
@@ -84,6 +115,7 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
         return await _complete(request, "text")
 
     async def _complete(http: Request, kind: str) -> Response:
+        check_key(http)
         body = await _read_body(http, max_body_bytes)
         request = parse_request(body, kind)
         if request.model != engine.model_name:
@@ -97,16 +129,28 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
             field = "messages" if kind == "chat" else "prompt"
             raise ApiError(400, f"{field}: {len(prompt_ids)} prompt tokens plus max_tokens {max_tokens} exceed the context of {limit} tokens (--max-context-tokens)", field)
         try:
-            ticket = engine.admit(request.priority)
+            ticket = engine.admit(request.priority, http.client.host if http.client else None)
         except QueueFull as error:
             raise ApiError(429, str(error), kind="rate_limit_error", code="rate_limit_exceeded", retry_after_s=error.retry_after_s) from None
+        except Draining as error:
+            raise ApiError(503, str(error), kind="server_error") from None
         except EngineFailed as error:
             raise ApiError(503, f"the engine cannot take requests: {error}", kind="server_error") from None
-        outputs = engine.generate(ticket, prompt_ids, max_tokens, sampling=request.sampling, chat=kind == "chat")
         response_id = new_id(kind)
-        if request.stream:
-            return StreamingResponse(_events(request, response_id, ticket, outputs, len(prompt_ids)), media_type="text/event-stream")
+        parent, baggage_attributes = caller_context(http.headers)
+        notes = RequestNotes({
+            **baggage_attributes,
+            names.REQUEST_ID: http.state.request_id,
+            names.GEN_AI_RESPONSE_ID: response_id,
+            names.REQUEST_PRIORITY: request.priority,
+        })
         text_stream = TextStream(engine.tokenizer, request.stop)
+        if record_content:
+            notes.attributes[names.GEN_AI_INPUT_MESSAGES] = json.dumps(request.messages if request.messages is not None else [{"role": "user", "content": request.prompt}])
+            notes.on_end = lambda attributes: attributes.update({names.GEN_AI_OUTPUT_MESSAGES: json.dumps([{"role": "assistant", "content": text_stream.sent}])})
+        outputs = engine.generate(ticket, prompt_ids, max_tokens, sampling=request.sampling, chat=kind == "chat", parent=parent, notes=notes)
+        if request.stream:
+            return StreamingResponse(_events(http, request, response_id, ticket, outputs, len(prompt_ids), text_stream, notes), media_type="text/event-stream")
         answer: dict[str, Any] = {"tokens": [], "finish_reason": "length"}
 
         async def collect() -> None:
@@ -114,7 +158,7 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
                 answer["tokens"] = output.tokens
                 text_stream.advance(output.tokens, final=output.finished)
                 if text_stream.stopped:
-                    answer["finish_reason"] = "stop"
+                    answer["finish_reason"] = notes.finish_reason = "stop"
                     return
                 if output.finished:
                     answer["finish_reason"] = output.finish_reason or "length"
@@ -126,42 +170,54 @@ def create_app(engine: Engine, *, registry: Any = None, max_body_bytes: int = DE
             while not (await asyncio.wait({collecting}, timeout=DISCONNECT_CHECK_S))[0]:
                 if await http.is_disconnected():
                     collecting.cancel()
+                    count(http, names.OUTCOME_CANCELLED)
                     return Response(status_code=499)  # nginx's "client closed request": nobody reads it
             collecting.result()
         except EngineFailed as error:
             raise ApiError(500, str(error), kind="server_error") from None
         finally:
-            if not collecting.done():
-                collecting.cancel()
+            collecting.cancel()
+            # Let the cancelled task leave the generator first: closing a generator another task
+            # is still inside raises.
+            await asyncio.gather(collecting, return_exceptions=True)
             await outputs.aclose()
             engine.admission.release(ticket)  # also when the generator never started
+        count(http, names.OUTCOME_FAILED if answer["finish_reason"] == "error" else names.OUTCOME_COMPLETED)
         return JSONResponse(completion(request, response_id, text_stream.sent, answer["finish_reason"], len(prompt_ids), len(answer["tokens"])))
 
-    async def _events(request: Any, response_id: str, ticket: Any, outputs: AsyncIterator[Any], prompt_tokens: int) -> AsyncIterator[str]:
-        text_stream = TextStream(engine.tokenizer, request.stop)
+    async def _events(
+        http: Request, request: Any, response_id: str, ticket: Any, outputs: AsyncIterator[Any], prompt_tokens: int, text_stream: TextStream, notes: RequestNotes
+    ) -> AsyncIterator[str]:
         tokens: list[int] = []
         first = True
+        outcome = names.OUTCOME_CANCELLED  # unless it ends below: the client left mid-stream
         try:
             async for output in outputs:
                 tokens = output.tokens
                 new = text_stream.advance(tokens, final=output.finished)
                 finish = "stop" if text_stream.stopped else (output.finish_reason if output.finished else None)
+                if text_stream.stopped:
+                    notes.finish_reason = "stop"
                 if new or first or finish:
                     yield _sse(chunk(request, response_id, new, None, first=first))
                     first = False
                 if finish:
                     yield _sse(chunk(request, response_id, None, finish))
+                    outcome = names.OUTCOME_FAILED if finish == "error" else names.OUTCOME_COMPLETED
                     break
         except EngineFailed as error:
+            outcome = names.OUTCOME_FAILED
             yield _sse(ApiError(500, str(error), kind="server_error").body())
         finally:
             await outputs.aclose()
             engine.admission.release(ticket)  # also when the client left before the first token
+            count(http, outcome)
         if request.include_usage:
             yield _sse(usage_chunk(request, response_id, prompt_tokens, len(tokens)))
         yield "data: [DONE]\n\n"
 
-    return app
+    # Outermost, so that every answer carries the id, a 500 from the last-resort handler included.
+    return RequestIdMiddleware(app)
 
 
 def _prompt_ids(engine: Engine, request: Any) -> list[int]:
@@ -172,6 +228,17 @@ def _prompt_ids(engine: Engine, request: Any) -> list[int]:
         raise ApiError(400, f"messages: {engine.model_name} has no chat template: send a plain prompt to /v1/completions", "messages")
     encoded = engine.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_dict=True)
     return list(encoded["input_ids"])
+
+
+def _outcome(status: int) -> str:
+    """A refused or failed request's outcome, from its status."""
+    if status == 401:
+        return names.OUTCOME_UNAUTHORIZED
+    if status == 429:
+        return names.OUTCOME_REJECTED
+    if status == 503:
+        return names.OUTCOME_UNAVAILABLE
+    return names.OUTCOME_FAILED if status >= 500 else names.OUTCOME_INVALID
 
 
 def _sse(payload: dict[str, Any]) -> str:

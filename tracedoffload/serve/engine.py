@@ -18,6 +18,10 @@ Admission (`admission.py`): at most `max_batch_size` requests are in the manager
 Retry-After). A request whose client goes away is cancelled, or leaves the line.
 A dead manager thread fails every waiting request at once (`EngineFailed`, a 500) and turns
 `ready` false.
+
+Drain (`begin_drain`, then `cut_off` at the deadline): new requests are refused (`Draining`, a
+503) while those in flight go on; at the cut-off each still running or waiting ends at once with
+the finish reason `error`.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import dataclasses
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from opentelemetry.trace import SpanKind
 
 from tracedoffload import names
 from tracedoffload._checks import check_int, check_positive
@@ -48,6 +54,22 @@ class EngineFailed(Exception):
     """The engine's thread is gone: no request can be served."""
 
 
+class Draining(EngineFailed):
+    """The server is shutting down: it finishes the requests it has and takes no new one."""
+
+
+_CUT = object()  # put in a request's output queue at the drain's cut-off
+
+
+@dataclasses.dataclass
+class RequestNotes:
+    """What the HTTP side adds to a request's span; it may add until the request ends."""
+
+    attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    finish_reason: str | None = None  # set when the HTTP side ended the answer itself (a stop string)
+    on_end: Callable[[dict[str, Any]], None] | None = None  # adds to the attributes as the request ends
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     """The engine's bounds; each checked, with the field named."""
@@ -56,6 +78,7 @@ class EngineSettings:
     max_batch_tokens: int = 256  # tokens per forward (decodes plus prefill chunks)
     max_context_tokens: int = 2048  # prompt plus completion, per request
     max_queue: int = 64  # requests waiting beyond those in the batch
+    max_per_client: int = 0  # places (in the batch and in line) one client may hold; 0: no limit
     default_max_tokens: int = 256  # completion tokens when a request does not say
     page_size: int = 16  # tokens per KV-cache page
     aging_s: float = 10.0  # a waiting request gains one priority class per this many seconds
@@ -66,6 +89,7 @@ class EngineSettings:
         check_int("max_batch_tokens", self.max_batch_tokens, self.max_batch_size, 1 << 20, meaning="at least max_batch_size: every running sequence decodes each step")
         check_int("max_context_tokens", self.max_context_tokens, 2, 1 << 20)
         check_int("max_queue", self.max_queue, 0, 1 << 20)
+        check_int("max_per_client", self.max_per_client, 0, 1 << 20)
         check_int("default_max_tokens", self.default_max_tokens, 1, self.max_context_tokens)
         check_int("page_size", self.page_size, 4, 4096)
         check_positive("aging_s", self.aging_s, "seconds > 0")
@@ -95,17 +119,22 @@ class Engine:
         model_name: the id clients call it by.
         settings: the bounds.
         session: a `TracingSession` attached to the model's offloader, or None.
+        metrics: the server's metrics (`serve/metrics.py`), or None.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, model_name: str, settings: EngineSettings, session: Any = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, model_name: str, settings: EngineSettings, session: Any = None, metrics: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.settings = settings
         self.session = session
         self.stop_ids = eos_ids(model)
-        self.admission = Admission(settings.max_batch_size, settings.max_queue, settings.aging_s)
+        self.admission = Admission(settings.max_batch_size, settings.max_queue, settings.aging_s, max_per_client=settings.max_per_client)
+        self.metrics = metrics
         self.failure: str | None = None
+        self.draining = False
+        self._cut = False
+        self._live: set[asyncio.Queue[Any]] = set()  # the output queues of requests being served
         self._manager: Any = None
         self._tracer: Any = None
 
@@ -177,21 +206,61 @@ class Engine:
     def ready(self) -> bool:
         return self._manager is not None and self.failure is None and self._manager.is_running()
 
+    @property
+    def accepting(self) -> bool:
+        """Takes new requests: ready and not draining."""
+        return self.ready and not self.draining
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in the engine or in line."""
+        return self.admission.inside + self.admission.waiting
+
+    def kv_cache_bytes(self) -> tuple[int, int] | None:
+        """(bytes held by live sequences, bytes allocated) of the paged KV cache, once it exists."""
+        processor = getattr(self._manager, "batch_processor", None)
+        cache = getattr(processor, "cache", None)
+        if cache is None:
+            return None
+        limit = cache.num_sectors * cache.bytes_per_sector
+        return limit - int(cache.compute_free_capacity(relative=False)), limit
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (`Draining`); those in flight go on."""
+        self.draining = True
+
+    def cut_off(self) -> None:
+        """The drain's deadline: every request still served or waiting ends now, finish reason `error`."""
+        self._cut = True
+        for queue in self._live:
+            queue.put_nowait(_CUT)
+
     # -- requests (the event loop) ----------------------------------------------------------------
 
-    def admit(self, priority: int = 0) -> Ticket:
+    def admit(self, priority: int = 0, client: str | None = None) -> Ticket:
         """A place in line (raises QueueFull when the line is full, EngineFailed when the engine is
         down): synchronous, so a refusal comes before any work is done for the request."""
+        if self.draining:
+            raise Draining("the server is shutting down: it finishes the requests it has and takes no new one")
         if self.failure is not None or not self.ready:
             raise EngineFailed(self.failure or "the engine is not running")
-        return self.admission.admit(priority)
+        return self.admission.admit(priority, client)
 
     async def generate(
-        self, ticket: Ticket, prompt_ids: list[int], max_tokens: int, *, sampling: Any = None, chat: bool = False, parent: Any = None
+        self,
+        ticket: Ticket,
+        prompt_ids: list[int],
+        max_tokens: int,
+        *,
+        sampling: Any = None,
+        chat: bool = False,
+        parent: Any = None,
+        notes: RequestNotes | None = None,
     ) -> AsyncIterator[Output]:
         """Serve one request admitted with `ticket`: waits for its place, then yields its output
         after every step that gave it a token, the last one finished. Closing the iterator early
-        (the client went away) cancels it, or takes it out of the line."""
+        (the client went away) cancels it, or takes it out of the line. `parent`: the caller's
+        span context (the request's span is its child); `notes`: added to the request's span."""
         request_id = uuid.uuid4().hex
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         handle = None
@@ -199,16 +268,24 @@ class Engine:
         produced: list[int] = []
         reason = FINISH_CANCELLED
         queued_ns = None
+        notes = notes if notes is not None else RequestNotes()
+        self._live.add(outputs)
         try:
             if self.session is not None:
                 # Opened now: the generation's span covers its time in line.
                 operation = names.GEN_AI_OPERATION_CHAT if chat else names.GEN_AI_OPERATION
-                handle = self.session.open_generation(self.model_name, len(prompt_ids), max_tokens, parent=parent, operation=operation)
+                handle = self.session.open_generation(self.model_name, len(prompt_ids), max_tokens, parent=parent, operation=operation, kind=SpanKind.SERVER)
                 self._tracer.track(request_id, handle)
             arrived = time.monotonic_ns()
             while not await ticket.wait(LIVENESS_CHECK_S):
+                if self._cut:
+                    reason = FINISH_ERROR
+                    yield Output([], True, FINISH_ERROR)
+                    return
                 self._check_alive()
             queued_ns = time.monotonic_ns() - arrived
+            if self.metrics is not None:
+                self.metrics.queued(queued_ns / 1e9, handle.span_context if handle is not None else None)
             self._manager.register_result_handler(request_id, outputs.put_nowait)
             self._manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=max_tokens, streaming=True, **self._decoding(sampling))
             while True:
@@ -217,6 +294,10 @@ class Engine:
                 except TimeoutError:
                     self._check_alive()
                     continue
+                if result is _CUT:
+                    reason = FINISH_ERROR
+                    yield Output(produced, True, FINISH_ERROR)
+                    return
                 produced = list(result.generated_tokens)
                 if result.is_finished():
                     finished = True
@@ -229,11 +310,16 @@ class Engine:
                     return
                 yield Output(produced, False, None)
         finally:
+            self._live.discard(outputs)
             self.admission.release(ticket)
             if not finished and ticket.admitted and self._manager is not None:
                 self._manager.cancel_request(request_id)
             if handle is not None:
-                self.session.end_generation(handle, len(produced), reason, {names.GENERATION_QUEUE_NS: queued_ns} if queued_ns is not None else None)
+                if queued_ns is not None:
+                    notes.attributes[names.GENERATION_QUEUE_NS] = queued_ns
+                if notes.on_end is not None:
+                    notes.on_end(notes.attributes)
+                self.session.end_generation(handle, len(produced), notes.finish_reason or reason, notes.attributes)
 
     def _decoding(self, sampling: Any) -> dict[str, Any]:
         """The per-request warpers' settings: greedy is a top-k of 1; sampling, the request's."""

@@ -51,8 +51,9 @@ class _Progress:
 
 def new_span_context(parent: SpanContext | None) -> SpanContext:
     """A generation span's own context: in its parent's trace, or the root of a new one."""
-    trace_id = parent.trace_id if parent is not None and parent.is_valid else random.getrandbits(128)
-    return SpanContext(trace_id, random.getrandbits(64), is_remote=False, trace_flags=_SAMPLED)
+    if parent is not None and parent.is_valid:  # the caller's trace, and its tracestate with it
+        return SpanContext(parent.trace_id, random.getrandbits(64), is_remote=False, trace_flags=_SAMPLED, trace_state=parent.trace_state)
+    return SpanContext(random.getrandbits(128), random.getrandbits(64), is_remote=False, trace_flags=_SAMPLED)
 
 
 class GenerationLedger:
@@ -116,6 +117,7 @@ class GenerationLedger:
             name=f"{attributes.get(names.GEN_AI_OPERATION_NAME, names.GEN_AI_OPERATION)} {model}".rstrip(),
             context=info.span_context,
             parent=end.parent,
+            kind=end.kind,
             resource=self.resource,
             attributes=attributes,
             events=tuple(progress.events),

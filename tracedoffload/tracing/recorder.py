@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import SpanContext, SpanKind
 
 from tracedoffload import names
 from tracedoffload.logs import bind_token, unbind_token
@@ -109,6 +109,7 @@ class GenerationEnd(NamedTuple):
     finish_reason: str
     attributes: Mapping[str, Any]  # the generation span's, set at its start
     parent: SpanContext | None  # the generation span's parent (a request's span), if any
+    kind: SpanKind = SpanKind.INTERNAL  # SERVER for a server's request
 
 
 class StepContext(NamedTuple):

@@ -25,7 +25,7 @@ from typing import Any
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import SpanContext, SpanKind
 
 from tracedoffload import names
 from tracedoffload._checks import check_int, check_number
@@ -61,6 +61,7 @@ class GenerationHandle:
     _opened: Any = None
     _attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
     _parent: SpanContext | None = None
+    _kind: SpanKind = SpanKind.INTERNAL
     _ended: bool = False
 
 
@@ -225,11 +226,14 @@ class TracingSession:
         *,
         parent: SpanContext | None = None,
         operation: str = names.GEN_AI_OPERATION,
+        kind: SpanKind = SpanKind.INTERNAL,
     ) -> GenerationHandle:
         """Start a generation that a scheduler serves through `plan_step` (no context needed);
         end it with `end_generation`. `operation`: the GenAI operation name, `text_completion`
-        or `chat` (the span is named "{operation} {model}")."""
+        or `chat` (the span is named "{operation} {model}"); `kind`: the span's (a server's
+        request: SERVER)."""
         handle = self._new_handle(model_name, input_tokens, max_new_tokens, parent, operation)
+        handle._kind = kind
         recorder = self._recorder
         if recorder is not None and handle._info is not None:
             self._before_opening(recorder)
@@ -294,7 +298,7 @@ class TracingSession:
         if handle._ended or handle._info is None:
             return
         handle._ended = True
-        end = GenerationEnd(handle._info, time.time_ns(), handle.output_tokens, handle.finish_reason, handle._attributes, handle._parent)
+        end = GenerationEnd(handle._info, time.time_ns(), handle.output_tokens, handle.finish_reason, handle._attributes, handle._parent, handle._kind)
         if self._orphaned:
             self._worker.refuse(spans=1)
         else:
