@@ -43,8 +43,8 @@ class LeakInjector(Timeline):
     def leaked_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kept)
 
-    def step_begin(self, marker: object, rows: int = 1, length: int = 1) -> None:
-        self.inner.step_begin(marker, rows, length)
+    def step_begin(self, marker: object, rows: int = 1, length: int = 1, cached: int | None = None) -> None:
+        self.inner.step_begin(marker, rows, length, cached)
 
     def layer(self, record: LayerRecord) -> None:
         if self.kind == "host" and record.kind == TRANSFER:

@@ -22,6 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from tracedoffload._exceptions import TracedOffloadError
 
 if TYPE_CHECKING:  # annotations only: generating needs no OpenTelemetry SDK unless traced
+    from tracedoffload.speculation import Speculation
     from tracedoffload.tracing.session import TracingSession
 
 # OpenAI's and the GenAI semantic conventions' finish reasons.
@@ -84,6 +85,7 @@ def generate_once(
     raw: bool = False,
     ignore_eos: bool = False,
     interruptible: bool = False,
+    speculation: Speculation | None = None,
 ) -> Generation:
     """Greedy-generate up to `max_new_tokens` tokens after `prompt`, timed; traced as one
     generation when a tracing `session` is given.
@@ -94,6 +96,9 @@ def generate_once(
         interruptible: a first Ctrl-C (SIGINT) ends the generation cleanly after the step in
             progress, with what it made so far (`FINISH_INTERRUPTED`); a second one raises
             KeyboardInterrupt as usual. Main thread only (where Python delivers signals).
+        speculation: draft tokens for the model to verify (`speculation.py`); the output is the
+            same, in fewer offloaded forwards when drafts are kept. A draft model's forwards are
+            traced under the steps verifying them.
 
     Blocking: waits for the device before stopping the clock.
 
@@ -112,27 +117,32 @@ def generate_once(
         # eos should a generation config put it back.
         limits["min_new_tokens"] = max_new_tokens
     interrupt = StopOnInterrupt() if interruptible else None
+    speculative = speculation.generate_kwargs(model) if speculation is not None else {}
     _synchronize(device)
     traced = session.generation(model_name, input_ids.shape[1], max_new_tokens) if session is not None else contextlib.nullcontext()
     started = time.perf_counter()
-    with torch.inference_mode(), traced as handle, interrupt or contextlib.nullcontext():
-        output = model.generate(
-            input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([interrupt] if interrupt else []),
-            **limits,
-        )
-        new_tokens = output[0, input_ids.shape[1] :]
-        stopped = new_tokens.numel() > 0 and int(new_tokens[-1]) in stop_ids
-        finish_reason = FINISH_STOP if stopped else FINISH_INTERRUPTED if interrupt and interrupt.requested else FINISH_LENGTH
-        if handle is not None:
-            handle.output_tokens = new_tokens.numel()
-            handle.finish_reason = finish_reason
-    _synchronize(device)
-    seconds = time.perf_counter() - started
+    with contextlib.ExitStack() as stack:
+        if session is not None and speculation is not None and speculation.draft_model is not None:
+            stack.callback(session.trace_draft(speculation.draft_model))
+        with torch.inference_mode(), traced as handle, interrupt or contextlib.nullcontext():
+            output = model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList([interrupt] if interrupt else []),
+                **limits,
+                **speculative,
+            )
+            new_tokens = output[0, input_ids.shape[1] :]
+            stopped = new_tokens.numel() > 0 and int(new_tokens[-1]) in stop_ids
+            finish_reason = FINISH_STOP if stopped else FINISH_INTERRUPTED if interrupt and interrupt.requested else FINISH_LENGTH
+            if handle is not None:
+                handle.output_tokens = new_tokens.numel()
+                handle.finish_reason = finish_reason
+        _synchronize(device)
+        seconds = time.perf_counter() - started
     stop_token = tokenizer.decode([int(new_tokens[-1])], skip_special_tokens=False) if stopped else None
     text = tokenizer.decode(new_tokens, skip_special_tokens=True)
     return Generation(input_ids.shape[1], new_tokens.numel(), seconds, text, finish_reason, stop_token)

@@ -22,6 +22,7 @@ SPAN_TRANSFER = "layer.transfer"  # host -> device copy of one offloaded layer
 SPAN_COMPUTE = "layer.compute"  # one decoder layer's forward
 SPAN_RELEASE = "layer.release"  # an offloaded layer's device slot handed back (no copy)
 LAYER_SPANS = (SPAN_TRANSFER, SPAN_COMPUTE, SPAN_RELEASE)
+SPAN_DRAFT = "draft.forward"  # one forward of a speculative decoding's draft model, under the step verifying it
 GEN_AI_OPERATION = "text_completion"  # the generation span is named "{operation} {model}"
 GEN_AI_OPERATION_CHAT = "chat"  # a chat request's generation (serve's /v1/chat/completions)
 
@@ -77,6 +78,8 @@ STEP_GENERATIONS = "step.generations"  # how many generations it served (its lin
 STEP_TOKENS = "step.tokens"  # tokens it processed, over all its sequences
 STEP_GENERATED_TOKENS = "step.generated_tokens"  # new tokens it produced, over all its sequences
 STEP_KV_TOKENS = "step.kv_tokens"  # tokens held in KV caches after it, over every live sequence
+STEP_DRAFTED_TOKENS = "step.drafted_tokens"  # speculative decoding: drafted tokens the forward verified
+STEP_ACCEPTED_TOKENS = "step.accepted_tokens"  # of those, how many the model kept (absent: not known)
 STEP_POSITION = "step.position"  # a single-sequence step: the sequence's position (tokens before)
 # A step of several sequences: one entry per sequence, in the same order.
 STEP_SEQUENCE_GENERATION_IDS = "step.sequence.generation_ids"
@@ -92,6 +95,8 @@ STEP_RELEASE_NS = "step.release_ns"
 STEP_WAIT_NS = "step.wait_ns"
 STEP_OVERLAP_NS = "step.overlap_ns"
 STEP_TRANSFER_BYTES = "step.transfer_bytes"
+STEP_DRAFT_NS = "step.draft_ns"  # the draft model's forwards before the step (its time includes them)
+STEP_DRAFT_FORWARDS = "step.draft_forwards"
 STEP_TRANSFERS = "step.transfers"
 STEP_PREFETCHED = "step.prefetched_transfers"  # transfers issued ahead of need
 # Per-layer figures of the step, as integer arrays indexed by layer index, so the per-layer

@@ -317,7 +317,7 @@ class Offloader:
         if not self._timed:
             self.timeline.step_begin(None)
             return
-        self.timeline.step_begin(self._mark(), *_input_shape(args, kwargs))
+        self.timeline.step_begin(self._mark(), *_input_shape(args, kwargs), _cached_tokens(kwargs))
 
     @torch.compiler.disable
     def _step_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -432,6 +432,21 @@ def _input_shape(args: Any, kwargs: dict[str, Any]) -> tuple[int, int]:
         inputs = args[0] if args else kwargs.get("inputs_embeds")
     shape = getattr(inputs, "shape", ())
     return (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (1, 1)
+
+
+def _cached_tokens(kwargs: dict[str, Any]) -> int | None:
+    """Tokens in the forward's KV cache before it, when it has a cache that says (transformers'
+    DynamicCache: read from its tensors' shapes, so no device sync); None otherwise."""
+    cache = kwargs.get("cache")  # transformers 5's name; `past_key_values` before it
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    length = getattr(cache, "get_seq_length", None)
+    if length is None:
+        return None
+    try:
+        return int(length())
+    except Exception:  # a cache of another kind: unknown, never an error in the model's forward
+        return None
 
 
 def _bind(method: Any, index: int) -> Any:

@@ -2,7 +2,8 @@
 
 The offloader calls a `Timeline` at every boundary: the start and end of a step (one forward
 pass of the model, serving one sequence or a batch) and each layer's transfer, compute and
-release. A step's start comes with the shape of the forward's input (rows, tokens per row). It hands over markers, not durations: host-clock nanoseconds on the CPU path, CUDA
+release. A step's start comes with the shape of the forward's input (rows, tokens per row) and,
+when the model's KV cache says so, the tokens it held before the forward. It hands over markers, not durations: host-clock nanoseconds on the CPU path, CUDA
 events on the GPU path, which a consumer resolves later, off the hot path. The tracing core is
 such a consumer; `RecordingTimeline` keeps plain records for tests and benchmarks.
 
@@ -19,12 +20,13 @@ TRANSFER = "transfer"
 COMPUTE = "compute"
 RELEASE = "release"
 LAYER_KINDS = (TRANSFER, COMPUTE, RELEASE)
+DRAFT = "draft"  # a forward of a speculative decoding's draft model, before the step that verifies it
 
 
 class LayerRecord(NamedTuple):
     """One layer operation between two markers."""
 
-    kind: str  # TRANSFER, COMPUTE or RELEASE
+    kind: str  # TRANSFER, COMPUTE or RELEASE (or DRAFT: a draft model's whole forward, layer -1)
     layer_index: int
     start: Any
     end: Any
@@ -44,8 +46,10 @@ class Timeline:
 
     wants_markers = True
 
-    def step_begin(self, marker: Any, rows: int = 1, length: int = 1) -> None:
-        """A forward pass of the model starts on an input of `rows` sequences of `length` tokens."""
+    def step_begin(self, marker: Any, rows: int = 1, length: int = 1, cached: int | None = None) -> None:
+        """A forward pass of the model starts on an input of `rows` sequences of `length` tokens,
+        after `cached` tokens in its KV cache (None: not known). Speculative decoding crops the
+        cache after a verify; the next step's `cached` says how many drafted tokens were kept."""
 
     def layer(self, record: LayerRecord) -> None:
         """A layer transfer, compute or release was issued between two markers."""
@@ -74,7 +78,7 @@ class RecordingTimeline(Timeline):
         self._records: list[LayerRecord] = []
         self._start: Any = None
 
-    def step_begin(self, marker: Any, rows: int = 1, length: int = 1) -> None:
+    def step_begin(self, marker: Any, rows: int = 1, length: int = 1, cached: int | None = None) -> None:
         self._records = []
         self._start = marker
 

@@ -16,9 +16,11 @@ import json
 import sys
 from typing import Any
 
+from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.cli import EXIT_INTERRUPTED, model_flags, telemetry_flags
 from tracedoffload.cli.progress import end_progress_line
+from tracedoffload.speculation import MAX_DRAFT_TOKENS
 
 # torch, transformers and the OpenTelemetry SDK are imported inside `run`, not here: --help and
 # a bad flag answer before they would have finished importing (seconds).
@@ -40,6 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--system", metavar="TEXT", help="a system message before the prompt (models with a chat template)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the tokenizer's chat template")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    speculation = parser.add_argument_group("speculative decoding (the same greedy output, in fewer offloaded forwards when drafts are kept)")
+    drafts = speculation.add_mutually_exclusive_group()
+    drafts.add_argument("--prompt-lookup", type=int, metavar="N", help="draft up to N tokens per step from n-gram matches in the prompt (no draft model)")
+    drafts.add_argument("--draft-model", metavar="PATH", help="a small model with the same vocabulary (a .gguf or a directory), kept resident, that drafts tokens")
+    speculation.add_argument("--draft-tokens", type=int, default=5, metavar="N", help="tokens the draft model proposes per step (default 5)")
+    speculation.add_argument("--adaptive-draft", action="store_true", help="adapt the draft length: one more after a step that kept all, one fewer otherwise")
     telemetry_flags.add_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -63,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     # before torch and transformers are imported.
     settings = telemetry_flags.check_arguments(args)
     config = model_flags.offload_config(args)
+    check_int("draft_tokens", args.draft_tokens, 1, MAX_DRAFT_TOKENS)
+    if args.prompt_lookup is not None:
+        check_int("prompt_lookup", args.prompt_lookup, 1, MAX_DRAFT_TOKENS)
 
     from tracedoffload.cli.summary import format_summary, placement_figures, run_summary
     from tracedoffload.generation import FINISH_INTERRUPTED, encode_prompt, generate_once
@@ -76,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     _notify(f"loading {args.model or 'the default model'}")
     loaded = load_model(args.model, dtype, seed=args.seed, notify=_notify)
     model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
-    prompting: dict[str, Any] = {"system": args.system, "raw": args.raw, "interruptible": True}
+    prompting: dict[str, Any] = {"system": args.system, "raw": args.raw, "interruptible": True, "speculation": _speculation(args, model, dtype, device)}
     encode_prompt(tokenizer, args.prompt, system=args.system, raw=args.raw)  # a prompt error stops the run before the offloader attaches
     if config is None:
         model.to(device)
@@ -107,6 +118,24 @@ def run(args: argparse.Namespace) -> int:
     telemetry.flush_exports()
     telemetry.linger_and_close(args.metrics_linger)
     return EXIT_INTERRUPTED if generation.finish_reason == FINISH_INTERRUPTED else 0
+
+
+def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) -> Any:
+    """The speculation the flags ask for (a draft model loaded and kept resident), or None."""
+    from tracedoffload.speculation import Speculation
+
+    schedule = "heuristic" if args.adaptive_draft else "constant"
+    if args.prompt_lookup is not None:
+        return Speculation(prompt_lookup_tokens=args.prompt_lookup)
+    if args.draft_model is None:
+        return None
+    from tracedoffload.models import load_model
+    from tracedoffload.speculation import check_draft
+
+    _notify(f"loading the draft model {args.draft_model}")
+    draft = load_model(args.draft_model, dtype, notify=_notify).model.to(device)
+    check_draft(draft, model)
+    return Speculation(draft_model=draft, draft_tokens=args.draft_tokens, schedule=schedule)
 
 
 def _notify(message: str) -> None:

@@ -11,6 +11,13 @@ Which sequences a step serves comes from one of two places:
   in one batch, one per row of the forward's input (a `generate` call, batch 1 or more). Phases are
   inferred: a sequence's first step is its prefill, then one new token per row is a decode and
   several are a verify (speculative decoding's drafted tokens).
+
+Speculative decoding (batch 1, in context): a forward past the prompt's, or a prefill longer than
+the prompt, carries drafted tokens, and how many the model kept is known only after it, when the
+KV cache is cropped to them. Such a step is held until the next forward of its generation (whose
+cache length, `cached`, says how many were kept) or its end (whose output length says), then
+handed over with its drafted, accepted and generated tokens, and the generation's KV tally
+corrected to the cropped cache.
 - **a plan** (`plan_step`): whoever schedules a batch (a continuous-batching engine) says, before
   each forward, which generations it serves and how. A plan is used for the next step only.
 
@@ -33,6 +40,8 @@ from opentelemetry.trace import SpanContext, SpanKind
 from tracedoffload import names
 from tracedoffload.logs import bind_token, unbind_token
 from tracedoffload.timeline import LayerRecord, Timeline
+
+MAX_PENDING_DRAFTS = 256  # draft forwards kept for the next step (a draft run with no step after it is bounded)
 
 # How often the clock is re-anchored to wall time, between two steps. CUDA event times are single
 # precision milliseconds from the anchor (about 1 µs of resolution 10 s away, 60 µs ten minutes
@@ -72,6 +81,8 @@ class StepSequence(NamedTuple):
     tokens: int  # tokens of it the forward processed
     generated: int  # new tokens it got from this step (0 for a prefill chunk that is not the last)
     step_number: int  # how many steps served it before this one (0: its first)
+    drafted: int = 0  # drafted tokens it verified (speculative decoding)
+    accepted: int | None = None  # of those, how many the model kept (None: not known)
 
 
 class PlannedSequence(NamedTuple):
@@ -151,6 +162,8 @@ class TracingTimeline(Timeline):
         self._step_index = 0
         self._records: list[LayerRecord] = []
         self._start: Any = None
+        self._held: tuple[StepPayload, _OpenSequence] | None = None  # a verify step waiting for its outcome
+        self._drafts: list[LayerRecord] = []  # draft-model forwards since the last step
 
     # -- generations (any thread) -------------------------------------------------------------------
 
@@ -175,7 +188,12 @@ class TracingTimeline(Timeline):
         opened = self.open(generations)
         return opened, self._group.set(tuple(opened))
 
-    def close(self, opened: Sequence[_OpenSequence], context_token: contextvars.Token | None = None) -> None:
+    def close(self, opened: Sequence[_OpenSequence], context_token: contextvars.Token | None = None, output_tokens: Sequence[int] | None = None) -> None:
+        """End generations; `output_tokens`, per generation, settles a verify step still held."""
+        held = self._held
+        if held is not None and held[1] in opened:
+            total = output_tokens[list(opened).index(held[1])] if output_tokens is not None else None
+            self._release_held(None, total)
         if context_token is not None:
             try:
                 self._group.reset(context_token)
@@ -209,10 +227,21 @@ class TracingTimeline(Timeline):
 
     # -- steps (the model's thread) -----------------------------------------------------------------
 
-    def step_begin(self, marker: Any, rows: int = 1, length: int = 1) -> None:
-        self._start = marker
-        self._records = []
+    def draft(self, record: LayerRecord) -> None:
+        """A draft model's forward (model's thread): it goes with the next step, which verifies it."""
+        if len(self._drafts) < MAX_PENDING_DRAFTS:
+            self._drafts.append(record)
+
+    def step_begin(self, marker: Any, rows: int = 1, length: int = 1, cached: int | None = None) -> None:
+        # Drafting is part of making this step's tokens: the step starts at its first draft forward.
+        drafts, self._drafts = self._drafts, []
+        self._start = drafts[0].start if drafts else marker
+        self._records = drafts
         plan, self._plan = self._plan, None
+        if self._held is not None:
+            # Its generation's next forward says how many drafted tokens the cache kept.
+            same = plan is None and self._held[1] in self._group.get()
+            self._release_held(cached if same else None, None)
         if plan is not None:
             self._step_opened, self._step_sequences = self._from_plan(plan[0])
         else:
@@ -243,9 +272,11 @@ class TracingTimeline(Timeline):
                 sequence.generated += step.generated
             kv_tokens = self._kv_tokens if self._planned_kv is None else self._planned_kv
         model_cpu = (threading.get_ident(), time.thread_time())
-        self._submit(
-            StepPayload(current.step_index, self._step_sequences, kv_tokens, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records, memory, model_cpu)
-        )
+        payload = StepPayload(current.step_index, self._step_sequences, kv_tokens, current.trace_id, current.span_id, self.anchor, self._start, marker, self._records, memory, model_cpu)
+        if len(self._step_sequences) == 1 and self._step_sequences[0].drafted and self._step_opened:
+            self._held = (payload, self._step_opened[0])  # handed over once its outcome is known
+        else:
+            self._submit(payload)
         self._records = []
         self._step_index += 1
         # After the hand-over, so every marker of a step is read against one anchor taken before it.
@@ -259,14 +290,42 @@ class TracingTimeline(Timeline):
         steps = []
         for sequence in group:
             if sequence.steps == 0:
-                # The prompt (left-padded in a batch: its own length, not the padded one).
+                # The prompt (left-padded in a batch: its own length, not the padded one); alone,
+                # whatever the forward holds beyond the prompt was drafted (prompt lookup drafts
+                # from the prefill on).
                 tokens = sequence.info.input_tokens if len(group) > 1 else length
-                phase, generated = names.PHASE_PREFILL, 1
+                phase, drafted = names.PHASE_PREFILL, max(0, tokens - sequence.info.input_tokens)
             else:
                 tokens = length
-                phase, generated = (names.PHASE_DECODE, 1) if length == 1 else (names.PHASE_VERIFY, 1)
-            steps.append(StepSequence(sequence.info, sequence.position, phase, tokens, generated, sequence.steps))
+                phase, drafted = (names.PHASE_DECODE, 0) if length == 1 else (names.PHASE_VERIFY, length - 1)
+            # Until the outcome is known, a verify is counted as one new token (see _release_held).
+            steps.append(StepSequence(sequence.info, sequence.position, phase, tokens, 1, sequence.steps, drafted))
         return list(group), tuple(steps)
+
+    def _release_held(self, cached: int | None, output_tokens: int | None) -> None:
+        """Hand the held verify step over, with its outcome: from the cache length of its
+        generation's next forward (`cached`), else from the generation's output length, else
+        unknown (counted as one new token, accepted None)."""
+        (payload, sequence), self._held = self._held, None
+        step = payload.sequences[0]
+        generated = None
+        if cached is not None:
+            kept = cached - step.position  # the cache after the crop: what the step kept
+            generated = kept - step.generation.input_tokens + 1 if step.phase == names.PHASE_PREFILL else kept
+        elif output_tokens is not None:
+            generated = output_tokens - (sequence.generated - step.generated)
+        if generated is None:
+            self._submit(payload)
+            return
+        generated = min(max(generated, 1), step.drafted + 1)
+        discarded = step.drafted + 1 - generated  # drafted tokens the cache dropped
+        with self._lock:
+            sequence.generated += generated - step.generated
+            sequence.position -= discarded
+            if sequence.info.generation_id in self._live:
+                self._kv_tokens -= discarded
+        settled = step._replace(generated=generated, accepted=generated - 1)
+        self._submit(payload._replace(sequences=(settled,), kv_tokens=payload.kv_tokens - discarded))
 
     def _from_plan(self, planned: tuple[PlannedSequence, ...]) -> tuple[list[_OpenSequence], tuple[StepSequence, ...]]:
         opened, steps = [], []

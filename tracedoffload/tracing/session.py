@@ -19,7 +19,7 @@ import dataclasses
 import os
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -33,7 +33,7 @@ from tracedoffload._exceptions import ConfigError, TracingStateError
 from tracedoffload._version import __version__
 from tracedoffload.logs import get_logger
 from tracedoffload.offloader import Offloader
-from tracedoffload.timeline import NullTimeline
+from tracedoffload.timeline import DRAFT, LayerRecord, NullTimeline
 from tracedoffload.tracing import lifecycle
 from tracedoffload.tracing.fanout import ExportFanout, ExportSettings
 from tracedoffload.tracing.generations import GenerationLedger, new_span_context
@@ -159,6 +159,30 @@ class TracingSession:
         self._offloader = offloader
         offloader.timeline = self._recorder
 
+    def trace_draft(self, draft_model: Any) -> Callable[[], None]:
+        """Time every forward of a speculative decoding's draft model (kept resident, not
+        offloaded): each is a `draft.forward` span under the step that verifies what it drafted,
+        and that step starts at its first draft forward (drafting is part of making its tokens).
+        Returns what removes the hooks. Attach the offloader first."""
+        recorder, clock = self._recorder, self._clock
+        if recorder is None or clock is None:
+            return lambda: None
+        started: list[Any] = []
+
+        def before(module: Any, args: Any) -> None:
+            started.append(clock.mark())
+
+        def after(module: Any, args: Any, output: Any) -> None:
+            if started:
+                recorder.draft(LayerRecord(DRAFT, -1, started.pop(), clock.mark(), 0, -1, False))
+
+        handles = [draft_model.register_forward_pre_hook(before), draft_model.register_forward_hook(after)]
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+
+        return remove
+
     def detach(self) -> None:
         """Stop tracing the attached offloader (its timeline goes back to the no-op one)."""
         if self._offloader is not None:
@@ -214,7 +238,7 @@ class TracingSession:
             yield handles
         finally:
             if recorder is not None and opened is not None:
-                recorder.close(opened, context_token)
+                recorder.close(opened, context_token, [h.output_tokens for h in handles])
             for handle in handles:
                 self._submit_end(handle)
 
@@ -251,7 +275,7 @@ class TracingSession:
         if finish_reason is not None:
             handle.finish_reason = finish_reason
         if self._recorder is not None and handle._opened is not None:
-            self._recorder.close(handle._opened)
+            self._recorder.close(handle._opened, output_tokens=[handle.output_tokens])
             handle._opened = None
         self._submit_end(handle)
 

@@ -41,6 +41,10 @@ _STEP_SUMS = (
     names.STEP_PREFETCHED,
     names.STEP_TOKENS,
     names.STEP_GENERATED_TOKENS,
+    names.STEP_DRAFTED_TOKENS,
+    names.STEP_ACCEPTED_TOKENS,
+    names.STEP_DRAFT_NS,
+    names.STEP_DRAFT_FORWARDS,
 )
 _LAYER_FIELDS = {
     names.STEP_LAYERS_COMPUTE_NS: "compute_ns",
@@ -206,6 +210,12 @@ def _build_snapshot(stats: OffloadStats, dropped_spans: int | None) -> dict[str,
         "processed_tokens": totals[names.STEP_TOKENS],
         "generated_tokens": generated,
         "generations": stats._generations,
+        # Speculative decoding: drafted tokens verified, and the share the model kept.
+        "drafted_tokens": totals[names.STEP_DRAFTED_TOKENS],
+        "accepted_tokens": totals[names.STEP_ACCEPTED_TOKENS],
+        "acceptance_rate": round(totals[names.STEP_ACCEPTED_TOKENS] / totals[names.STEP_DRAFTED_TOKENS], 4) if totals[names.STEP_DRAFTED_TOKENS] else None,
+        "draft_forwards": totals[names.STEP_DRAFT_FORWARDS],
+        "draft_ms": _ms(totals[names.STEP_DRAFT_NS]),
         "step_latency_ms": {
             **{f"p{p}": _ms(_percentile(latencies, p)) for p in PERCENTILES},
             "mean": _ms(sum(latencies) / len(latencies)),

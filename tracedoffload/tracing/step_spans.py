@@ -20,11 +20,11 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
 from tracedoffload import names
-from tracedoffload.timeline import COMPUTE, RELEASE, TRANSFER
+from tracedoffload.timeline import COMPUTE, DRAFT, RELEASE, TRANSFER
 from tracedoffload.tracing.recorder import StepPayload, StepSequence
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_LAYER_SPAN_NAMES = {TRANSFER: names.SPAN_TRANSFER, COMPUTE: names.SPAN_COMPUTE, RELEASE: names.SPAN_RELEASE}
+_LAYER_SPAN_NAMES = {TRANSFER: names.SPAN_TRANSFER, COMPUTE: names.SPAN_COMPUTE, RELEASE: names.SPAN_RELEASE, DRAFT: names.SPAN_DRAFT}
 
 
 class StepTiming(NamedTuple):
@@ -83,6 +83,7 @@ class StepTimer:
         overlap_ns: dict[int, int] = {}
         last_copy = self._last_copy
         previous_compute_end = start_ns
+        draft_ns = drafts = 0
         for position, record in enumerate(records):
             layer = record.layer_index
             begin, finish = starts[position], ends[position]
@@ -104,8 +105,12 @@ class StepTimer:
                 transfer[layer] += finish - begin
                 overlap[layer] += hidden
                 nbytes[layer] += record.nbytes
-            else:
+            elif kind == RELEASE:
                 release[layer] += finish - begin
+            else:  # a draft model's forward, before the layers
+                draft_ns += finish - begin
+                drafts += 1
+                previous_compute_end = finish
         layers = {
             names.STEP_LAYERS_COMPUTE_NS: compute,
             names.STEP_LAYERS_TRANSFER_NS: transfer,
@@ -124,6 +129,9 @@ class StepTimer:
             names.STEP_TRANSFERS: len(overlap_ns),
             names.STEP_PREFETCHED: sum(1 for r in records if r.kind == TRANSFER and r.prefetched),
         }
+        if drafts:
+            sums[names.STEP_DRAFT_NS] = draft_ns
+            sums[names.STEP_DRAFT_FORWARDS] = drafts
         return StepTiming(payload, start_ns, end_ns, starts, ends, wait_ns, overlap_ns, sums, layers)
 
 
@@ -177,6 +185,10 @@ class SpanFactory:
                 names.GENERATION_ID: generation.generation_id,
                 names.STEP_POSITION: only.position,
             }
+            if only.drafted:
+                per_sequence[names.STEP_DRAFTED_TOKENS] = only.drafted
+                if only.accepted is not None:
+                    per_sequence[names.STEP_ACCEPTED_TOKENS] = only.accepted
             if generation.span_context is not None:
                 if generation.per_step_traces:
                     links = (Link(generation.span_context),)
@@ -252,8 +264,10 @@ class SpanFactory:
                     attributes = {index_key: layer, names.LAYER_OFFLOADED: True, slot_key: slot, names.LAYER_WAIT_NS: wait_ns.get(n, 0)}
                 else:
                     attributes = {index_key: layer, names.LAYER_OFFLOADED: False}
-            else:
+            elif kind == RELEASE:
                 attributes = {index_key: layer, bytes_key: nbytes, slot_key: slot}
+            else:
+                attributes = {}
             spans.append(
                 ReadableSpan(
                     span_names[kind],

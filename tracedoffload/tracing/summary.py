@@ -24,6 +24,7 @@ def stats_table(stats: dict[str, Any]) -> str:
         ("generations", str(stats.get("generations", 1))),
         ("steps (forwards)", f"{stats['steps']}  ({_phases(stats['steps_by_phase'])})"),
         ("generated tokens", f"{stats['generated_tokens']}  ({_per_token(per_token)})"),
+        *_speculation_rows(stats),
         ("step latency ms", f"p50 {latency['p50']:.2f}  p90 {latency['p90']:.2f}  p99 {latency['p99']:.2f}  max {latency['max']:.2f}"),
         ("pure computation ms", f"{breakdown['pure_computation_ms']:.2f}"),
         (copy, f"{breakdown['cpu_to_gpu_transfer_ms']:.2f}  ({stats['transfer_gbps']:.2f} GB/s, avg {stats['avg_layer_transfer_ms']:.3f} ms/layer)"),
@@ -59,6 +60,18 @@ def slowest_steps(stats: dict[str, Any], limit: int = 10, *, exported: bool = Tr
         served = ", ".join(step["generation_ids"][:3]) + (f" +{len(step['generation_ids']) - 3}" if len(step["generation_ids"]) > 3 else "")
         lines.append(f"  {step['ms']:9.3f} ms  step {step['step_index']:>5}  {step['phase']:<13}  x{step['sequences']:<3}  trace {step['trace_id']}  generation {served}")
     return "\n".join(lines)
+
+
+def _speculation_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
+    """Speculative decoding's rows, when it drafted anything."""
+    drafted = stats.get("drafted_tokens")
+    if not drafted:
+        return []
+    rate = stats.get("acceptance_rate")
+    rows = [("drafted tokens", f"{drafted}, {stats['accepted_tokens']} kept ({100 * rate:.1f}% acceptance)" if rate is not None else str(drafted))]
+    if stats.get("draft_forwards"):
+        rows.append(("draft model forwards", f"{stats['draft_forwards']}  ({stats['draft_ms']:.2f} ms, inside the steps' time)"))
+    return rows
 
 
 def _phases(by_phase: dict[str, int]) -> str:

@@ -26,6 +26,7 @@ from tracedoffload.names import (
     GEN_AI_OPERATION,
     GEN_AI_OPERATION_NAME,
     SPAN_COMPUTE,
+    SPAN_DRAFT,
     SPAN_RELEASE,
     SPAN_STEP,
     SPAN_TRANSFER,
@@ -37,8 +38,9 @@ __all__ = ["PROCESS_NAME", "TRACKS", "PerfettoExporter", "track_of"]
 
 PROCESS_NAME = "tracedoffload"
 # Track names in display order; a track's thread id is its position plus one.
-TRACKS = ("generation", "steps", "transfers", "compute", "releases", "other")
-_TRACK_BY_SPAN = {SPAN_STEP: "steps", SPAN_TRANSFER: "transfers", SPAN_COMPUTE: "compute", SPAN_RELEASE: "releases"}
+TRACKS = ("generation", "steps", "drafts", "transfers", "compute", "releases", "other")
+_TRACK_BY_SPAN = {SPAN_STEP: "steps", SPAN_TRANSFER: "transfers", SPAN_COMPUTE: "compute", SPAN_RELEASE: "releases", SPAN_DRAFT: "drafts"}
+_OPTIONAL_TRACKS = ("drafts", "other")  # named only when a span is on them
 _TID = {track: index + 1 for index, track in enumerate(TRACKS)}
 _PID = 1
 _WRITE_CHUNK = 10_000  # events encoded per write, so a large trace never sits in memory as one string
@@ -193,7 +195,7 @@ class PerfettoExporter(SpanExporter):
 def _metadata(used_tracks: set[str]) -> Iterator[dict[str, Any]]:
     yield {"ph": "M", "name": "process_name", "pid": _PID, "tid": 0, "args": {"name": PROCESS_NAME}}
     for index, track in enumerate(TRACKS):
-        if track == "other" and track not in used_tracks:
+        if track in _OPTIONAL_TRACKS and track not in used_tracks:
             continue
         tid = _TID[track]
         yield {"ph": "M", "name": "thread_name", "pid": _PID, "tid": tid, "args": {"name": track}}
