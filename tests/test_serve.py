@@ -149,11 +149,19 @@ class TestBadRequests:
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_p": 0}, "top_p"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_k": 0}, "top_k"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}, "presence_penalty"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "min_p": 0.1}, "min_p"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ],
     )
     def test_each_bad_field_is_a_400_naming_it(self, server, body, param):
         status, _, answer = post(server[0], "/v1/chat/completions", json.dumps(body).encode())
         assert status == 400 and answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+
+    def test_an_unsupported_parameter_at_its_neutral_value_is_accepted(self, client):
+        answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, presence_penalty=0, frequency_penalty=0.0, logprobs=False)
+        assert answer.choices[0].finish_reason in ("stop", "length")
 
     def test_not_json_is_a_400_and_a_huge_body_a_413(self, server):
         status, _, answer = post(server[0], "/v1/chat/completions", b"{not json")

@@ -3,7 +3,7 @@
 Requests are checked here, field by field, before they reach the engine: a bad one is an
 `ApiError` (400, or 404 for an unknown model) in OpenAI's error shape, naming the field and what
 is valid. Parameters the engine cannot honour are refused by name, never silently ignored: `n`
-above 1.
+above 1, and `UNSUPPORTED` (penalties, min_p, logprobs, tools, ...) unless given their neutral value.
 
 Decoding: greedy unless `temperature` is given above 0 (greedy is this server's default, where
 OpenAI's is 1: an answer is reproducible unless sampling is asked for); then `top_p` and `top_k`
@@ -87,6 +87,7 @@ def parse_request(body: bytes, kind: str) -> Request:
     n = data.get("n", 1)
     if n != 1:
         raise bad("n", f"{n!r}: 1 (one choice per request is served today)")
+    _refuse_unsupported(data)
     stop = _stop(data.get("stop"))
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
@@ -103,6 +104,31 @@ def parse_request(body: bytes, kind: str) -> Request:
     if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
         raise bad("priority", f"{priority!r}: an integer (lower is served first, as vLLM takes it; default 0)")
     return Request(kind, model, messages, prompt, max_tokens, stop, stream, include_usage, priority, sampling)
+
+
+# OpenAI's (and vLLM's) parameters this server cannot honour, with the value that changes nothing:
+# given anything else they are refused by name rather than silently ignored.
+UNSUPPORTED = {
+    "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None),
+    "repetition_penalty": (1, 1.0, None),
+    "min_p": (0, 0.0, None),
+    "logprobs": (False, None),
+    "top_logprobs": (0, None),
+    "logit_bias": ({}, None),
+    "best_of": (1, None),
+    "echo": (False, None),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def _refuse_unsupported(data: dict[str, Any]) -> None:
+    for field, neutral in UNSUPPORTED.items():
+        if field in data and not any(data[field] == value and type(data[field]) is type(value) for value in neutral):
+            raise bad(field, f"{data[field]!r}: not supported by this server, which answers text sampled with temperature, top_p, top_k and seed only; leave it out")
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:
