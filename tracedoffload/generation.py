@@ -22,6 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from tracedoffload._exceptions import TracedOffloadError
 
 if TYPE_CHECKING:  # annotations only: generating needs no OpenTelemetry SDK unless traced
+    from tracedoffload.decoding import Decoding
     from tracedoffload.speculation import Speculation
     from tracedoffload.tracing.session import TracingSession
 
@@ -86,6 +87,7 @@ def generate_once(
     ignore_eos: bool = False,
     interruptible: bool = False,
     speculation: Speculation | None = None,
+    decoding: Decoding | None = None,
 ) -> Generation:
     """Greedy-generate up to `max_new_tokens` tokens after `prompt`, timed; traced as one
     generation when a tracing `session` is given.
@@ -99,6 +101,7 @@ def generate_once(
         speculation: draft tokens for the model to verify (`speculation.py`); the output is the
             same, in fewer offloaded forwards when drafts are kept. A draft model's forwards are
             traced under the steps verifying them.
+        decoding: sampled instead of greedy (`decoding.py`); None: greedy.
 
     Blocking: waits for the device before stopping the clock.
 
@@ -118,6 +121,7 @@ def generate_once(
         limits["min_new_tokens"] = max_new_tokens
     interrupt = StopOnInterrupt() if interruptible else None
     speculative = speculation.generate_kwargs(model) if speculation is not None else {}
+    choosing = decoding.generate_kwargs() if decoding is not None else {"do_sample": False}
     _synchronize(device)
     traced = session.generation(model_name, input_ids.shape[1], max_new_tokens) if session is not None else contextlib.nullcontext()
     started = time.perf_counter()
@@ -129,11 +133,11 @@ def generate_once(
                 input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 pad_token_id=pad,
                 stopping_criteria=StoppingCriteriaList([interrupt] if interrupt else []),
                 **limits,
                 **speculative,
+                **choosing,
             )
             new_tokens = output[0, input_ids.shape[1] :]
             stopped = new_tokens.numel() > 0 and int(new_tokens[-1]) in stop_ids

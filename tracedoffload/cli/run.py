@@ -20,6 +20,7 @@ from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.cli import EXIT_INTERRUPTED, model_flags, telemetry_flags
 from tracedoffload.cli.progress import end_progress_line
+from tracedoffload.decoding import Decoding
 from tracedoffload.speculation import MAX_DRAFT_TOKENS
 
 # torch, transformers and the OpenTelemetry SDK are imported inside `run`, not here: --help and
@@ -42,6 +43,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--system", metavar="TEXT", help="a system message before the prompt (models with a chat template)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the tokenizer's chat template")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sampling = parser.add_argument_group("sampling (greedy unless --temperature is above 0)")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this probability (default 1: off)")
+    sampling.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
+    sampling.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the most likely one's probability (default 0: off)")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages tokens already in the prompt or answer (default 1: off; greedy too)")
+    sampling.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampling: the same seed, the same answer")
     speculation = parser.add_argument_group("speculative decoding (the same greedy output, in fewer offloaded forwards when drafts are kept)")
     drafts = speculation.add_mutually_exclusive_group()
     drafts.add_argument("--prompt-lookup", type=int, metavar="N", help="draft up to N tokens per step from n-gram matches in the prompt (no draft model)")
@@ -71,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     # before torch and transformers are imported.
     settings = telemetry_flags.check_arguments(args)
     config = model_flags.offload_config(args)
+    decoding = Decoding(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty, args.sampling_seed)
     check_int("draft_tokens", args.draft_tokens, 1, MAX_DRAFT_TOKENS)
     if args.prompt_lookup is not None:
         check_int("prompt_lookup", args.prompt_lookup, 1, MAX_DRAFT_TOKENS)
@@ -87,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     _notify(f"loading {args.model or 'the default model'}")
     loaded = load_model(args.model, dtype, seed=args.seed, notify=_notify)
     model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
-    prompting: dict[str, Any] = {"system": args.system, "raw": args.raw, "interruptible": True, "speculation": _speculation(args, model, dtype, device)}
+    prompting: dict[str, Any] = {"system": args.system, "raw": args.raw, "interruptible": True, "speculation": _speculation(args, model, dtype, device), "decoding": decoding}
     encode_prompt(tokenizer, args.prompt, system=args.system, raw=args.raw)  # a prompt error stops the run before the offloader attaches
     if config is None:
         model.to(device)
