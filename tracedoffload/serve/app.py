@@ -125,9 +125,11 @@ def create_app(
         prompt_ids = _prompt_ids(engine, request)
         limit = engine.settings.max_context_tokens
         max_tokens = request.max_tokens or min(engine.settings.default_max_tokens, max(1, limit - len(prompt_ids)))
+        prompt_field = "messages" if kind == "chat" else "prompt"
+        if len(prompt_ids) >= limit:
+            raise ApiError(400, f"{prompt_field}: {len(prompt_ids)} prompt tokens; the context is {limit} tokens (--max-context-tokens), the answer's included", prompt_field)
         if len(prompt_ids) + max_tokens > limit:
-            field = "messages" if kind == "chat" else "prompt"
-            raise ApiError(400, f"{field}: {len(prompt_ids)} prompt tokens plus max_tokens {max_tokens} exceed the context of {limit} tokens (--max-context-tokens)", field)
+            raise ApiError(400, f"max_tokens: {max_tokens}; at most {limit - len(prompt_ids)} after this prompt's {len(prompt_ids)} tokens (a context of {limit}, --max-context-tokens)", "max_tokens")
         try:
             ticket = engine.admit(request.priority, http.client.host if http.client else None)
         except QueueFull as error:
