@@ -123,6 +123,11 @@ class TestTheOpenAIClient:
             answers = [future.result() for future in beside]
         assert answers[0] == answers[2] == alone
 
+    def test_n_choices_of_one_chat(self, client):
+        answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[3]}], max_tokens=6, n=2, temperature=0.9, seed=2)
+        assert [c.index for c in answer.choices] == [0, 1] and all(c.message.content for c in answer.choices)
+        assert 2 <= answer.usage.completion_tokens <= 12  # both choices' tokens, up to 6 each
+
     def test_completions_and_a_stop_string(self, client):
         plain = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=8)
         assert plain.choices[0].text and plain.usage.prompt_tokens > 0
@@ -146,7 +151,7 @@ class TestBadRequests:
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, "max_tokens"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}]}, "messages"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop"),
-            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_p": 0}, "top_p"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_k": 0}, "top_k"),

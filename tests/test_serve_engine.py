@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import contextlib
 import threading
 import time
@@ -269,3 +270,59 @@ def test_greedy_only_refuses_sampling_by_name_and_serves_greedy():
         assert served.json()["choices"][0]["text"] == running.tokenizer.decode(alone(PROMPTS[0], 10))
     finally:
         running.stop()
+
+
+class TestChoices:
+    """`n` samples of one prompt: each its own sequence, span and (derived) seed."""
+
+    def test_n_greedy_choices_each_equal_the_prompt_alone(self, served):
+        response = httpx.post(served.base + "/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 6, "n": 3}, timeout=60)
+        answer = response.json()
+        assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+        assert {c["text"] for c in answer["choices"]} == {served.tokenizer.decode(alone(PROMPTS[0], 6))}
+        assert answer["usage"]["completion_tokens"] == 18
+        served.session.flush(10)
+        spans = [s for s in served.exporter.get_finished_spans() if s.attributes.get("request.id") == response.headers["x-request-id"]]
+        assert sorted(s.attributes["request.choice"] for s in spans) == [0, 1, 2]
+
+    def test_seeded_choices_differ_and_come_back_the_same(self, served):
+        def ask(n: int) -> list[str]:
+            body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 10, "n": n, "temperature": 1.5, "seed": 11}
+            return [c["text"] for c in httpx.post(served.base + "/v1/completions", json=body, timeout=60).json()["choices"]]
+
+        three = ask(3)
+        assert len(set(three)) == 3 and ask(3) == three
+        assert ask(1) == three[:1]  # choice 0 has the request's own seed
+
+    def test_streamed_choices_carry_their_index_and_assemble_the_plain_answer(self, served):
+        body = {"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 8, "n": 2, "temperature": 1.5, "seed": 4}
+        plain = [c["text"] for c in httpx.post(served.base + "/v1/completions", json=body, timeout=60).json()["choices"]]
+        texts, finishes = ["", ""], [[], []]
+        with httpx.stream("POST", served.base + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        texts[choice["index"]] += choice["text"]
+                        if choice["finish_reason"]:
+                            finishes[choice["index"]].append(choice["finish_reason"])
+        assert texts == plain and finishes == [["length"], ["length"]]
+
+    def test_n_beyond_the_limit_is_refused_by_name(self, served):
+        response = httpx.post(served.base + "/v1/completions", json={"model": "tiny", "prompt": "x", "n": 9}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+
+    def test_a_request_whose_choices_do_not_fit_the_line_is_refused_whole(self, served):
+        """Batch 2 + a line of 8 = 10 places: 11 choices cannot be; with n=8 beside 3 held, the
+        line refuses and every place the request took is given back."""
+        gate = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(3) as pool, held(served, gate):
+            futures = [pool.submit(served.complete, f"hold {n}", 2) for n in range(3)]
+            deadline = time.monotonic() + 30
+            while served.engine.in_flight < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            refused = httpx.post(served.base + "/v1/completions", json={"model": "tiny", "prompt": "x", "n": 8}, timeout=30)
+            assert served.engine.in_flight == 3
+            gate.set()
+            assert all(f.result().status_code == 200 for f in futures)
+        assert refused.status_code == 429

@@ -57,6 +57,7 @@ GENERATION_QUEUE_NS = "generation.queue_ns"  # serve: from arrival to a place in
 GEN_AI_RESPONSE_ID = "gen_ai.response.id"  # serve: the answer's id (chatcmpl-..., cmpl-...)
 REQUEST_ID = "request.id"  # serve: the x-request-id the answer carries (the caller's, or a new one)
 REQUEST_PRIORITY = "request.priority"  # serve: the body's priority class
+REQUEST_CHOICE = "request.choice"  # serve: which of the request's `n` choices this generation is (from 0)
 # serve --record-content only (never otherwise): the request's messages and the answer, as JSON.
 GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"

@@ -21,6 +21,7 @@ and never the log.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,6 +33,7 @@ from tracedoffload import names
 from tracedoffload.generation import uses_chat_template
 from tracedoffload.logs import get_logger
 from tracedoffload.serve.admission import QueueFull
+from tracedoffload.serve.choices import Choice, close_all, collect, events
 from tracedoffload.serve.engine import Draining, Engine, EngineFailed, RequestNotes
 from tracedoffload.serve.protocol import ApiError, chunk, completion, new_id, parse_request, usage_chunk
 from tracedoffload.serve.request_context import RequestIdMiddleware, authorized, caller_context
@@ -130,48 +132,30 @@ def create_app(
             raise ApiError(400, f"{prompt_field}: {len(prompt_ids)} prompt tokens; the context is {limit} tokens (--max-context-tokens), the answer's included", prompt_field)
         if len(prompt_ids) + max_tokens > limit:
             raise ApiError(400, f"max_tokens: {max_tokens}; at most {limit - len(prompt_ids)} after this prompt's {len(prompt_ids)} tokens (a context of {limit}, --max-context-tokens)", "max_tokens")
+        client = http.client.host if http.client else None
+        tickets = []
         try:
-            ticket = engine.admit(request.priority, http.client.host if http.client else None)
-        except QueueFull as error:
-            raise ApiError(429, str(error), kind="rate_limit_error", code="rate_limit_exceeded", retry_after_s=error.retry_after_s) from None
-        except Draining as error:
-            raise ApiError(503, str(error), kind="server_error") from None
-        except EngineFailed as error:
+            for _ in range(request.n):  # a place per choice: n samples are n sequences in the batch
+                tickets.append(engine.admit(request.priority, client))
+        except (QueueFull, EngineFailed) as error:
+            for ticket in tickets:
+                engine.admission.release(ticket)
+            if isinstance(error, QueueFull):
+                raise ApiError(429, str(error), kind="rate_limit_error", code="rate_limit_exceeded", retry_after_s=error.retry_after_s) from None
+            if isinstance(error, Draining):
+                raise ApiError(503, str(error), kind="server_error") from None
             raise ApiError(503, f"the engine cannot take requests: {error}", kind="server_error") from None
         response_id = new_id(kind)
         parent, baggage_attributes = caller_context(http.headers)
-        notes = RequestNotes({
-            **baggage_attributes,
-            names.REQUEST_ID: http.state.request_id,
-            names.GEN_AI_RESPONSE_ID: response_id,
-            names.REQUEST_PRIORITY: request.priority,
-        })
-        text_stream = TextStream(engine.tokenizer, request.stop)
-        if record_content:
-            notes.attributes[names.GEN_AI_INPUT_MESSAGES] = json.dumps(request.messages if request.messages is not None else [{"role": "user", "content": request.prompt}])
-            notes.on_end = lambda attributes: attributes.update({names.GEN_AI_OUTPUT_MESSAGES: json.dumps([{"role": "assistant", "content": text_stream.sent}])})
-        outputs = engine.generate(ticket, prompt_ids, max_tokens, sampling=request.sampling, chat=kind == "chat", parent=parent, notes=notes)
+        choices = [_choice(index, ticket, request, http, response_id, parent, baggage_attributes, prompt_ids, max_tokens, kind) for index, ticket in enumerate(tickets)]
         if request.stream:
-            return StreamingResponse(_events(http, request, response_id, ticket, outputs, len(prompt_ids), text_stream, notes), media_type="text/event-stream")
-        answer: dict[str, Any] = {"tokens": [], "finish_reason": "length"}
-
-        async def collect() -> None:
-            async for output in outputs:
-                answer["tokens"] = output.tokens
-                text_stream.advance(output.tokens, final=output.finished)
-                if text_stream.stopped:
-                    answer["finish_reason"] = notes.finish_reason = "stop"
-                    return
-                if output.finished:
-                    answer["finish_reason"] = output.finish_reason or "length"
-
-        collecting = asyncio.ensure_future(collect())
+            return StreamingResponse(_events(http, request, response_id, choices, len(prompt_ids)), media_type="text/event-stream")
+        collecting = asyncio.ensure_future(asyncio.gather(*(collect(choice) for choice in choices)))
         try:
             # The client may leave while its answer is made (a timeout, a retry): look every
             # half second, and cancel it in the engine then rather than finish it for nobody.
             while not (await asyncio.wait({collecting}, timeout=DISCONNECT_CHECK_S))[0]:
                 if await http.is_disconnected():
-                    collecting.cancel()
                     count(http, names.OUTCOME_CANCELLED)
                     return Response(status_code=499)  # nginx's "client closed request": nobody reads it
             collecting.result()
@@ -179,43 +163,54 @@ def create_app(
             raise ApiError(500, str(error), kind="server_error") from None
         finally:
             collecting.cancel()
-            # Let the cancelled task leave the generator first: closing a generator another task
-            # is still inside raises.
+            # Let the cancelled tasks leave the generators first: closing a generator another
+            # task is still inside raises.
             await asyncio.gather(collecting, return_exceptions=True)
-            await outputs.aclose()
-            engine.admission.release(ticket)  # also when the generator never started
-        count(http, names.OUTCOME_FAILED if answer["finish_reason"] == "error" else names.OUTCOME_COMPLETED)
-        return JSONResponse(completion(request, response_id, text_stream.sent, answer["finish_reason"], len(prompt_ids), len(answer["tokens"])))
+            await close_all(choices, engine.admission)  # also when a generator never started
+        failed = any(choice.finish_reason == "error" for choice in choices)
+        count(http, names.OUTCOME_FAILED if failed else names.OUTCOME_COMPLETED)
+        answers = [(choice.text.sent, choice.finish_reason or "length") for choice in choices]
+        return JSONResponse(completion(request, response_id, answers, len(prompt_ids), sum(len(choice.tokens) for choice in choices)))
 
-    async def _events(
-        http: Request, request: Any, response_id: str, ticket: Any, outputs: AsyncIterator[Any], prompt_tokens: int, text_stream: TextStream, notes: RequestNotes
-    ) -> AsyncIterator[str]:
-        tokens: list[int] = []
-        first = True
+    def _choice(
+        index: int, ticket: Any, request: Any, http: Request, response_id: str, parent: Any, baggage_attributes: dict[str, str], prompt_ids: list[int], max_tokens: int, kind: str
+    ) -> Choice:
+        """Choice `index` of the request, in the engine (or in line) from now on: its own span,
+        and its own seed (the request's plus its index) when the request gave one."""
+        notes = RequestNotes({
+            **baggage_attributes,
+            names.REQUEST_ID: http.state.request_id,
+            names.GEN_AI_RESPONSE_ID: response_id,
+            names.REQUEST_PRIORITY: request.priority,
+            names.REQUEST_CHOICE: index,
+        })
+        text_stream = TextStream(engine.tokenizer, request.stop)
+        if record_content:
+            notes.attributes[names.GEN_AI_INPUT_MESSAGES] = json.dumps(request.messages if request.messages is not None else [{"role": "user", "content": request.prompt}])
+            notes.on_end = lambda attributes: attributes.update({names.GEN_AI_OUTPUT_MESSAGES: json.dumps([{"role": "assistant", "content": text_stream.sent}])})
+        sampling = request.sampling
+        if sampling is not None and sampling.seed is not None and index:
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
+        outputs = engine.generate(ticket, prompt_ids, max_tokens, sampling=sampling, chat=kind == "chat", parent=parent, notes=notes)
+        return Choice(index, ticket, outputs, text_stream, notes)
+
+    async def _events(http: Request, request: Any, response_id: str, choices: list[Choice], prompt_tokens: int) -> AsyncIterator[str]:
         outcome = names.OUTCOME_CANCELLED  # unless it ends below: the client left mid-stream
         try:
-            async for output in outputs:
-                tokens = output.tokens
-                new = text_stream.advance(tokens, final=output.finished)
-                finish = "stop" if text_stream.stopped else (output.finish_reason if output.finished else None)
-                if text_stream.stopped:
-                    notes.finish_reason = "stop"
-                if new or first or finish:
-                    yield _sse(chunk(request, response_id, new, None, first=first))
-                    first = False
-                if finish:
-                    yield _sse(chunk(request, response_id, None, finish))
-                    outcome = names.OUTCOME_FAILED if finish == "error" else names.OUTCOME_COMPLETED
-                    break
+            async for choice, new, first in events(choices):
+                yield _sse(chunk(request, response_id, new, None, first=first, index=choice.index))
+                if choice.finish_reason is not None:
+                    yield _sse(chunk(request, response_id, None, choice.finish_reason, index=choice.index))
+            failed = any(choice.finish_reason == "error" for choice in choices)
+            outcome = names.OUTCOME_FAILED if failed else names.OUTCOME_COMPLETED
         except EngineFailed as error:
             outcome = names.OUTCOME_FAILED
             yield _sse(ApiError(500, str(error), kind="server_error").body())
         finally:
-            await outputs.aclose()
-            engine.admission.release(ticket)  # also when the client left before the first token
+            await close_all(choices, engine.admission)  # also when the client left before the first token
             count(http, outcome)
         if request.include_usage:
-            yield _sse(usage_chunk(request, response_id, prompt_tokens, len(tokens)))
+            yield _sse(usage_chunk(request, response_id, prompt_tokens, sum(len(choice.tokens) for choice in choices)))
         yield "data: [DONE]\n\n"
 
     # Outermost, so that every answer carries the id, a 500 from the last-resort handler included.

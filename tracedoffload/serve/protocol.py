@@ -2,8 +2,8 @@
 
 Requests are checked here, field by field, before they reach the engine: a bad one is an
 `ApiError` (400, or 404 for an unknown model) in OpenAI's error shape, naming the field and what
-is valid. Parameters the engine cannot honour are refused by name, never silently ignored: `n`
-above 1, and `UNSUPPORTED` (penalties, min_p, logprobs, tools, ...) unless given their neutral value.
+is valid. Parameters the engine cannot honour are refused by name, never silently ignored:
+`UNSUPPORTED` (penalties, min_p, logprobs, tools, ...) unless given their neutral value.
 
 Decoding: greedy unless `temperature` is given above 0 (greedy is this server's default, where
 OpenAI's is 1: an answer is reproducible unless sampling is asked for); then `top_p` and `top_k`
@@ -13,12 +13,14 @@ else shares the batch (serve/seeded_sampling.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
 from typing import Any
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8  # `n`: samples of one request, each its own sequence in the batch
 MAX_STOP_LENGTH = 128
 ROLES = ("system", "user", "assistant")
 
@@ -48,8 +50,9 @@ class Request:
 
     def __init__(
         self, kind: str, model: str, messages: list[dict[str, str]] | None, prompt: str | None, max_tokens: int | None, stop: list[str], stream: bool,
-        include_usage: bool, priority: int = 0, sampling: Sampling | None = None,
+        include_usage: bool, priority: int = 0, sampling: Sampling | None = None, n: int = 1,
     ) -> None:
+        self.n = n  # choices: samples of the prompt
         self.kind = kind  # "chat" or "text"
         self.priority = priority
         self.sampling = sampling  # None: greedy
@@ -85,8 +88,8 @@ def parse_request(body: bytes, kind: str) -> Request:
     max_tokens = _max_tokens(data)
     sampling = _sampling(data)
     n = data.get("n", 1)
-    if n != 1:
-        raise bad("n", f"{n!r}: 1 (one choice per request is served today)")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise bad("n", f"{n!r}: an integer from 1 to {MAX_CHOICES}")
     _refuse_unsupported(data)
     stop = _stop(data.get("stop"))
     stream = data.get("stream", False)
@@ -103,7 +106,7 @@ def parse_request(body: bytes, kind: str) -> Request:
     priority = data.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
         raise bad("priority", f"{priority!r}: an integer (lower is served first, as vLLM takes it; default 0)")
-    return Request(kind, model, messages, prompt, max_tokens, stop, stream, include_usage, priority, sampling)
+    return Request(kind, model, messages, prompt, max_tokens, stop, stream, include_usage, priority, sampling, n)
 
 
 # OpenAI's (and vLLM's) parameters this server cannot honour, with the value that changes nothing:
@@ -171,15 +174,15 @@ def _max_tokens(data: dict[str, Any]) -> int | None:
     return values.get("max_completion_tokens", values.get("max_tokens"))
 
 
+@dataclasses.dataclass(frozen=True)
 class Sampling:
     """A sampled request's settings: temperature > 0; top_p in (0, 1]; top_k >= 1, or None (off);
     seed, or None (the engine's shared random stream)."""
 
-    def __init__(self, temperature: float, top_p: float, top_k: int | None, seed: int | None = None) -> None:
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.seed = seed
+    temperature: float
+    top_p: float
+    top_k: int | None
+    seed: int | None = None
 
 
 def _sampling(data: dict[str, Any]) -> Sampling | None:
@@ -220,18 +223,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(request: Request, response_id: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """The whole answer (stream false)."""
-    if request.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        obj = "text_completion"
-    return {"id": response_id, "object": obj, "created": int(time.time()), "model": request.model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+def completion(request: Request, response_id: str, answers: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The whole answer (stream false): one choice per (text, finish reason), in order; the
+    completion tokens over all of them."""
+    choices: list[dict[str, Any]] = []
+    for index, (text, finish_reason) in enumerate(answers):
+        if request.kind == "chat":
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason})
+        else:
+            choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason})
+    obj = "chat.completion" if request.kind == "chat" else "text_completion"
+    return {"id": response_id, "object": obj, "created": int(time.time()), "model": request.model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chunk(request: Request, response_id: str, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
+def chunk(request: Request, response_id: str, text: str | None, finish_reason: str | None, *, first: bool = False, index: int = 0) -> dict[str, Any]:
     """One server-sent event's payload (stream true)."""
     if request.kind == "chat":
         delta: dict[str, Any] = {}
@@ -239,10 +244,10 @@ def chunk(request: Request, response_id: str, text: str | None, finish_reason: s
             delta["role"] = "assistant"
         if text:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
     payload: dict[str, Any] = {"id": response_id, "object": obj, "created": int(time.time()), "model": request.model, "choices": [choice]}
     if request.include_usage:
