@@ -4,11 +4,13 @@ absent device readings left unset, and a taken port refused before any work."""
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
 
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from tracedoffload import ConfigError, OffloadConfig, offload
 from tracedoffload import names as mn
@@ -96,6 +98,9 @@ def expected_on_cpu(stats: dict) -> dict:
         # Batch 1: one sequence per step; the 5-token prompt, then one token per decode.
         mn.STEP_BATCH_SIZE: [(("_count",), 5), (("_sum",), 5)],
         mn.STEP_BATCH_TOKENS: [(("_count",), 5), (("_sum",), 9)],
+        # No speculation in this run: at 0 (tests/test_speculation.py checks them with it).
+        mn.DRAFTED_TOKENS: [((), 0)],
+        mn.ACCEPTED_TOKENS: [((), 0)],
     }
 
 
@@ -241,3 +246,28 @@ class TestRunCommandMetrics:
         finally:
             process.kill()
             process.wait(30)
+
+
+def test_dropped_spans_are_counted_while_running_not_only_at_the_end():
+    """A server runs for days: spans lost to a failing exporter show on the counter while the
+    session still runs (read at most once a second, from the steps' listener)."""
+    registry = CollectorRegistry()
+    metrics = OffloadMetrics("tiny", registry=registry)
+    model = tiny_model()
+    offloader = offload(model, OffloadConfig(num_layers_on_gpu=3))
+    session = TracingSession([FailingExporter()], policy=SamplingPolicy(level="token"))
+    metrics.subscribe(session)
+    session.attach(offloader)
+    counter = mn.SPANS_DROPPED.prometheus
+    try:
+        deadline = time.monotonic() + 60
+        while value(samples(openmetrics(registry).decode()), counter) == 0:
+            assert time.monotonic() < deadline, "no dropped span was ever counted while running"
+            with torch.inference_mode(), session.generation("tiny", 5) as handle:
+                model.generate(torch.arange(5).unsqueeze(0), max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
+                handle.output_tokens = 2
+            session.drain(10)
+            time.sleep(0.2)
+    finally:
+        session.shutdown(5)
+        offloader.detach()

@@ -100,6 +100,48 @@ class TestTraceContext:
         assert spans[bad.headers["x-request-id"]].parent is None
 
 
+    def test_the_request_span_keeps_its_attributes_when_the_event_loop_lags(self, served):
+        """The manager's thread marks a request finished at once; its span ends only when the
+        engine's side adds the request id and the rest, however late the event loop is (here
+        held busy for a second while the request finishes)."""
+        gate = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, held(served, gate):
+            answer = pool.submit(post, served, {"model": "tiny", "prompt": "late loop", "max_tokens": 2, "priority": 1}, headers={"x-request-id": "lagging-loop"})
+            deadline = time.monotonic() + 30
+            while served.engine.in_flight < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            served.loop.call_soon_threadsafe(time.sleep, 1.0)
+            time.sleep(0.05)
+            gate.set()
+            assert answer.result().status_code == 200
+        span = request_spans(served)["lagging-loop"]
+        assert span.attributes[names.REQUEST_PRIORITY] == 1 and span.attributes[names.GEN_AI_RESPONSE_ID].startswith("cmpl-")
+        assert span.attributes[names.GENERATION_QUEUE_NS] >= 0
+
+
+    def test_streams_closed_early_leave_one_cancelled_span_each_and_nothing_behind(self, served):
+        """A cancelled request may stay in the manager's batch for a step after its generation
+        ended: it must not come back as a generation of its own, and the engine keeps nothing
+        per request once all are done."""
+        def close_early(n: int) -> None:
+            body = {"model": "tiny", "prompt": f"close {n}", "max_tokens": 100, "stream": True}
+            with httpx.stream("POST", served.base + "/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}", "x-request-id": f"early-{n}"}, timeout=60) as response:
+                next(line for line in response.iter_lines() if line.startswith("data: {"))
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            list(pool.map(close_early, range(12)))
+        deadline = time.monotonic() + 30
+        while served.engine.in_flight:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        spans = request_spans(served)
+        assert all(spans[f"early-{n}"].attributes[names.GEN_AI_RESPONSE_FINISH_REASONS] == ("cancelled",) for n in range(12))
+        served.session.flush(10)
+        assert all(names.REQUEST_ID in s.attributes for s in served.exporter.get_finished_spans() if s.name == SPAN)
+        assert served.engine._tracer._handles == {}  # nothing kept per request
+
+
 class TestApiKey:
     @pytest.mark.parametrize("key", [None, "wrong", KEY[:-1]], ids=["none", "wrong", "almost"])
     def test_without_the_key_it_is_401_in_openai_s_shape(self, served, key):

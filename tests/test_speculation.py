@@ -98,6 +98,31 @@ def draft_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def test_the_metrics_count_what_the_spans_say(plain):
+    """The drafted and kept counters hold the session's statistics (read from the step spans)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tracedoffload.metrics import OffloadMetrics
+
+    model = llama(260)
+    offloader = offload(model, OffloadConfig(num_layers_on_gpu=2))
+    registry = CollectorRegistry()
+    session = TracingSession([], policy=SamplingPolicy(level="token"))
+    OffloadMetrics("tiny", registry=registry).subscribe(session)
+    session.attach(offloader)
+    try:
+        generate_once(model, ByteTokenizer(), PROMPT, 24, session, "tiny", raw=True, ignore_eos=True, speculation=Speculation(prompt_lookup_tokens=4))
+        session.drain(10)
+        stats = session.snapshot()
+    finally:
+        session.shutdown(5)
+        offloader.detach()
+    text = generate_latest(registry).decode()
+    drafted = f'{names.DRAFTED_TOKENS.prometheus}{{model="tiny"}} {float(stats["drafted_tokens"])}'
+    accepted = f'{names.ACCEPTED_TOKENS.prometheus}{{model="tiny"}} {float(stats["accepted_tokens"])}'
+    assert stats["drafted_tokens"] > 0 and drafted in text and accepted in text
+
+
 class TestDraftModel:
     def test_the_model_itself_as_its_draft_keeps_every_drafted_token(self, plain):
         """A draft equal to the model (the same seeded weights, resident) drafts what the model

@@ -6,7 +6,9 @@ packs prefill chunks and decode tokens of many requests into one `[1, total_toke
 `trace_continuous_batching(model, session)` tells the tracing session, just before each of those
 forwards, which requests it serves and how (`TracingSession.plan_step`), opens a generation per
 request the first time one is scheduled (or uses the one given to `track`), and ends it when the
-manager marks the request finished.
+manager marks the request finished. A generation given to `track` belongs to its caller: it is
+only marked finished then (`finish_generation`: out of the batch, its end time kept), and its
+caller ends it, with what only the caller knows (a request's id, its queue time).
 
 What this reads of transformers is not public API (the batch processor's `requests_in_batch`
 and each request state's counters, as of transformers 5.24): it is read in one place, here. Should
@@ -41,12 +43,14 @@ class ContinuousBatchingTracer:
     open as interrupted).
     """
 
-    def __init__(self, model: nn.Module, session: TracingSession, model_name: str) -> None:
+    def __init__(self, model: nn.Module, session: TracingSession, model_name: str, open_untracked: bool = True) -> None:
         self.model = model
+        self.open_untracked = open_untracked
         self.session = session
         self.model_name = model_name
         self.manager: Any = None
         self._handles: dict[str, GenerationHandle] = {}
+        self._tracked: set[str] = set()  # request ids whose generation its caller ends
         self._lock = threading.Lock()  # `track` may come from a request thread
         self._wrapped: set[int] = set()
         self._failures = 0
@@ -62,6 +66,14 @@ class ContinuousBatchingTracer:
         `session.open_generation`, so that its span starts when the request arrived)."""
         with self._lock:
             self._handles[request_id] = handle
+            self._tracked.add(request_id)
+
+    def untrack(self, request_id: str) -> None:
+        """Forget request `request_id` (its caller ended its generation: finished, cancelled or
+        failed), so that a long-running server keeps nothing per request it served."""
+        with self._lock:
+            self._handles.pop(request_id, None)
+            self._tracked.discard(request_id)
 
     def close(self) -> None:
         self._hook.remove()
@@ -103,6 +115,8 @@ class ContinuousBatchingTracer:
         for future in processor.inputs_and_outputs.requests_in_batch:
             state = future.state
             handle = self._handle_for(state)
+            if handle is None:  # a request its caller ended already (cancelled, not yet out of the batch)
+                continue
             tokens = int(future.query_length)
             position = int(state.position_offset) - tokens  # already advanced past this step's tokens
             if not future.has_new_token:
@@ -114,10 +128,10 @@ class ContinuousBatchingTracer:
             planned.append(PlannedSequence(handle.generation_id, phase, tokens, 1 if future.has_new_token else 0, position))
         self.session.plan_step(planned)
 
-    def _handle_for(self, state: Any) -> GenerationHandle:
+    def _handle_for(self, state: Any) -> GenerationHandle | None:
         with self._lock:
             handle = self._handles.get(state.request_id)
-            if handle is None:
+            if handle is None and self.open_untracked:
                 handle = self.session.open_generation(self.model_name, len(state.initial_tokens), getattr(state, "max_new_tokens", None))
                 self._handles[state.request_id] = handle
         return handle
@@ -147,6 +161,8 @@ class ContinuousBatchingTracer:
                 continue
             with self._lock:
                 handle = self._handles.pop(state.request_id, None)
+                tracked = state.request_id in self._tracked
+                self._tracked.discard(state.request_id)
             if handle is None:
                 continue
             generated = list(state.generated_tokens)
@@ -155,12 +171,18 @@ class ContinuousBatchingTracer:
                 reason = "error"
             else:
                 reason = FINISH_STOP if generated and generated[-1] in eos else FINISH_LENGTH
-            self.session.end_generation(handle, len(generated), reason)
+            if tracked:
+                self.session.finish_generation(handle, len(generated), reason)
+            else:
+                self.session.end_generation(handle, len(generated), reason)
 
 
-def trace_continuous_batching(model: nn.Module, session: TracingSession, model_name: str = "") -> ContinuousBatchingTracer:
+def trace_continuous_batching(model: nn.Module, session: TracingSession, model_name: str = "", *, open_untracked: bool = True) -> ContinuousBatchingTracer:
     """Trace every continuous-batching manager of `model` (attach the offloader and the session
-    first). Use it as a context manager, or `close()` it.
+    first). Use it as a context manager, or `close()` it. `open_untracked`: open a generation for
+    a request nobody gave to `track` (False for a caller that tracks every request it adds: a
+    request it cancelled may still be in the batch for a step, and must not come back as a new
+    generation).
 
     Example:
         >>> with trace_continuous_batching(model, session, "smollm2"):
@@ -171,4 +193,4 @@ def trace_continuous_batching(model: nn.Module, session: TracingSession, model_n
         from tracedoffload._exceptions import ConfigError
 
         raise ConfigError("model", type(model).__name__, "a transformers model with continuous batching (init_continuous_batching)")
-    return ContinuousBatchingTracer(model, session, model_name)
+    return ContinuousBatchingTracer(model, session, model_name, open_untracked)

@@ -12,6 +12,7 @@ Threading: recorded from the telemetry thread; the HTTP server runs on its own d
 from __future__ import annotations
 
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from tracedoffload.tracing.generations import GenerationResult
     from tracedoffload.tracing.session import TracingSession
     from tracedoffload.tracing.step_spans import StepTiming
+
+DROPPED_READ_INTERVAL_S = 1.0
 
 # Layer operations take tens of microseconds to tens of milliseconds: buckets start below 100 us
 # (the Collector's spanmetrics default starts at 2 ms and would put every layer in one bucket).
@@ -74,7 +77,7 @@ class OffloadMetrics:
         self._prom[mn.THREAD_CPU.otel] = Counter(mn.THREAD_CPU.prometheus.removesuffix("_total"), mn.THREAD_CPU.description, [mn.LABEL_MODEL, mn.LABEL_THREAD], registry=self.registry)
         self._otel[mn.THREAD_CPU.otel] = meter.create_counter(mn.THREAD_CPU.otel, unit=mn.THREAD_CPU.unit, description=mn.THREAD_CPU.description)
         self._cpu_seen: dict[Any, float] = {}
-        for name in (mn.BYTES_COPIED, mn.STEPS, mn.GENERATED_TOKENS, mn.SPANS_DROPPED, mn.ALLOC_RETRIES, mn.OOMS):
+        for name in (mn.BYTES_COPIED, mn.STEPS, mn.GENERATED_TOKENS, mn.DRAFTED_TOKENS, mn.ACCEPTED_TOKENS, mn.SPANS_DROPPED, mn.ALLOC_RETRIES, mn.OOMS):
             self._prom[name.otel] = Counter(name.prometheus.removesuffix("_total"), name.description, [mn.LABEL_MODEL], registry=self.registry)
             self._otel[name.otel] = meter.create_counter(name.otel, unit=name.unit, description=name.description)
             # Exposed at 0 from the start, so increase() has a first sample to measure from.
@@ -104,10 +107,18 @@ class OffloadMetrics:
         """Record every step and every generation `session` traces from now on, and the CPU of
         the threads involved (the telemetry's own cost, next to the model's)."""
 
+        last_drop_read = [0.0]
+
         def on_step(timing: StepTiming, stats: Any) -> None:
             self.step(timing)
             for thread, seconds in session.telemetry_cpu_s.items():
                 self.thread_cpu(thread, thread, seconds)
+            # Spans lost so far, live (a server runs for days: its collector may be down now);
+            # read once a second at most, not every step (it takes each exporter's lock).
+            now = time.monotonic()
+            if now - last_drop_read[0] >= DROPPED_READ_INTERVAL_S:
+                last_drop_read[0] = now
+                self.spans_dropped(session.dropped_spans)
 
         session.add_step_listener(on_step)
         session.add_generation_listener(self.generation)
@@ -135,6 +146,10 @@ class OffloadMetrics:
         self._add(mn.BYTES_COPIED, timing.sums[mn.STEP_TRANSFER_BYTES])
         self._add(mn.STEPS, 1)
         self._add(mn.GENERATED_TOKENS, sum(s.generated for s in payload.sequences))
+        drafted = sum(s.drafted for s in payload.sequences)
+        if drafted:
+            self._add(mn.DRAFTED_TOKENS, drafted)
+            self._add(mn.ACCEPTED_TOKENS, sum(s.accepted or 0 for s in payload.sequences))
         self._set(mn.KV_TOKENS, payload.kv_tokens)
         thread_id, seconds = payload.model_cpu
         if thread_id:

@@ -196,8 +196,9 @@ def create_app(
 
     async def _events(http: Request, request: Any, response_id: str, choices: list[Choice], prompt_tokens: int) -> AsyncIterator[str]:
         outcome = names.OUTCOME_CANCELLED  # unless it ends below: the client left mid-stream
+        merged = events(choices)
         try:
-            async for choice, new, first in events(choices):
+            async for choice, new, first in merged:
                 yield _sse(chunk(request, response_id, new, None, first=first, index=choice.index))
                 if choice.finish_reason is not None:
                     yield _sse(chunk(request, response_id, None, choice.finish_reason, index=choice.index))
@@ -207,6 +208,9 @@ def create_app(
             outcome = names.OUTCOME_FAILED
             yield _sse(ApiError(500, str(error), kind="server_error").body())
         finally:
+            # Closed here, not left to the garbage collector: its followers stop, and each
+            # choice's generation ends now (cancelled, if the client left).
+            await merged.aclose()
             await close_all(choices, engine.admission)  # also when the client left before the first token
             count(http, outcome)
         if request.include_usage:

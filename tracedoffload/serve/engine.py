@@ -176,7 +176,7 @@ class Engine:
         if self.session is not None:
             from tracedoffload.continuous_batching import trace_continuous_batching
 
-            self._tracer = trace_continuous_batching(self.model, self.session, self.model_name)
+            self._tracer = trace_continuous_batching(self.model, self.session, self.model_name, open_untracked=False)
         self._manager = self.model.init_continuous_batching(generation_config=config, continuous_batching_config=sizing)
         if settings.sampling:
             install_seeded_sampling(self._manager.logit_processor)
@@ -319,7 +319,10 @@ class Engine:
                     notes.attributes[names.GENERATION_QUEUE_NS] = queued_ns
                 if notes.on_end is not None:
                     notes.on_end(notes.attributes)
+                # The manager's thread marked it finished when it was (its end time); it ends here,
+                # with what only this side knows.
                 self.session.end_generation(handle, len(produced), notes.finish_reason or reason, notes.attributes)
+                self._tracer.untrack(request_id)
 
     def _decoding(self, sampling: Any) -> dict[str, Any]:
         """The per-request warpers' settings: greedy is a top-k of 1; sampling, the request's."""

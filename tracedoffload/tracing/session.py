@@ -62,6 +62,7 @@ class GenerationHandle:
     _attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
     _parent: SpanContext | None = None
     _kind: SpanKind = SpanKind.INTERNAL
+    _end_ns: int | None = None  # when it finished, if that was said before it ended (`finish_generation`)
     _ended: bool = False
 
 
@@ -279,6 +280,21 @@ class TracingSession:
             handle._opened = None
         self._submit_end(handle)
 
+    def finish_generation(self, handle: GenerationHandle, output_tokens: int, finish_reason: str) -> None:
+        """Say that a generation from `open_generation` finished, now, without ending it: its
+        sequence leaves the batch (its KV is no longer counted) and its end time is kept, and its
+        owner ends it with `end_generation` (adding what it knows, say a request's id) when it
+        can. A scheduler's thread calls this at the step a request finishes; the request's own
+        code may only learn of it later."""
+        if handle._end_ns is not None or handle._ended:
+            return
+        handle._end_ns = time.time_ns()
+        handle.output_tokens = output_tokens
+        handle.finish_reason = finish_reason
+        if self._recorder is not None and handle._opened is not None:
+            self._recorder.close(handle._opened, output_tokens=[output_tokens])
+            handle._opened = None
+
     def plan_step(self, sequences: Sequence[PlannedSequence], kv_tokens: int | None = None) -> None:
         """Say which generations the next forward serves and how (model's thread, just before the
         forward; see `recorder.PlannedSequence`). Without a plan, a forward serves the
@@ -322,7 +338,8 @@ class TracingSession:
         if handle._ended or handle._info is None:
             return
         handle._ended = True
-        end = GenerationEnd(handle._info, time.time_ns(), handle.output_tokens, handle.finish_reason, handle._attributes, handle._parent, handle._kind)
+        end_ns = handle._end_ns if handle._end_ns is not None else time.time_ns()
+        end = GenerationEnd(handle._info, end_ns, handle.output_tokens, handle.finish_reason, handle._attributes, handle._parent, handle._kind)
         if self._orphaned:
             self._worker.refuse(spans=1)
         else:
