@@ -6,12 +6,13 @@ chat completions; plain ones for a model without a chat template), the configura
 round); medians over rounds.
 
 - (1) Priority under saturation: `--saturation` requests (default 40) arrive together at a server
-  started with `--max-batch-size 4` (and a line long enough for all of them), half with priority 0
-  (high), half with priority 2 (low), in alternating order. Time to first token p95 of the high
-  class over that of the low class (goal <= 0.5): the high class is served first. Printed beside
-  it: what strict priority would give if every request took the same time and the first prefill
-  cost nothing (the first 4 arrivals, 2 of each class, start at once; then every high one, then
-  every low one, 4 at a time): the figure's floor for this mix, 0.5556 for 40 requests.
+  started with `--max-batch-size 4` (and a line long enough for all of them), one in
+  `--high-every` (default 4) with priority 0 (high), the others with priority 2 (low). Time to
+  first token p95 of the high class over that of the low class (goal <= 0.5): the high class is
+  served first. Printed beside it: what strict priority would give if every request took the same
+  time and the first prefill cost nothing (the first 4 arrivals start at once; then every high
+  one, then every low one, 4 at a time): the figure's floor for this mix (with half of each,
+  alternating, it is 0.5556 for 40 requests: the goal is out of reach whatever the server does).
 - (2) The load counts of round 1's saturation run, on the client's side (sent, answered, 429,
   cancelled, lost) and the server's (`tracedoffload_server_requests_total` by outcome, over the run).
 - (3) Throughput (generated tokens per second) at `--concurrency` requests at once (default 8;
@@ -151,12 +152,12 @@ def client_for(server: Server) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=900)
 
 
-async def saturate(server: Server, requests: int, max_tokens: int) -> list[dict]:
-    """`requests` at once, priorities alternating high and low."""
+async def saturate(server: Server, requests: int, max_tokens: int, high_every: int) -> list[dict]:
+    """`requests` at once, one in `high_every` of priority high, the others low."""
     client = client_for(server)
     try:
         return await asyncio.gather(*(
-            one_request(client, server.model_id, f"Write a long story about {TOPICS[n % len(TOPICS)]}.", max_tokens, HIGH if n % 2 == 0 else LOW, server.chat)
+            one_request(client, server.model_id, f"Write a long story about {TOPICS[n % len(TOPICS)]}.", max_tokens, HIGH if n % high_every == 0 else LOW, server.chat)
             for n in range(requests)
         ))
     finally:
@@ -189,11 +190,11 @@ def p95(values: list[float]) -> float:
     return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)] if ordered else float("nan")
 
 
-def strict_priority_floor(requests: int, slots: int) -> float:
+def strict_priority_floor(requests: int, slots: int, high_every: int) -> float:
     """TTFT p95 high / p95 low under strict priority, in service times: every request takes one,
     a first token comes when its request starts, the first `slots` arrivals (alternating classes)
     start at once, then the line by class (first come first served within one)."""
-    arrivals = [HIGH if n % 2 == 0 else LOW for n in range(requests)]
+    arrivals = [HIGH if n % high_every == 0 else LOW for n in range(requests)]
     order = arrivals[:slots] + sorted(arrivals[slots:])  # sorted is stable
     starts: dict[int, list[float]] = {HIGH: [], LOW: []}
     for k, priority in enumerate(order):
@@ -206,6 +207,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default 32)")
     parser.add_argument("--saturation", type=int, default=40, help="requests arriving together in (1) (default 40)")
+    parser.add_argument("--high-every", type=int, default=4, help="in (1), one request in this many is of the high class (default 4; 2: half)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests at once in (3) (default 8)")
     parser.add_argument("--model", default=None, help="what serve's --model takes (default: the default model)")
     args = parser.parse_args()
@@ -239,7 +241,7 @@ def main() -> None:
                 server = servers[name]
                 if name == "saturation":
                     before = server.outcomes()
-                    results = asyncio.run(saturate(server, args.saturation, args.max_tokens))
+                    results = asyncio.run(saturate(server, args.saturation, args.max_tokens, args.high_every))
                     time.sleep(0.5)
                     after = server.outcomes()
                     high = [r["ttft"] for r in results if r["priority"] == HIGH and r.get("ttft") is not None]
@@ -268,11 +270,11 @@ def main() -> None:
     model = servers["saturation"].model_id
     median = statistics.median
     print(f"serve in production conditions, model {model}, balanced preset, {args.rounds} interleaved rounds, {args.max_tokens} max tokens per request, streamed {'chat' if servers['saturation'].chat else 'plain'} completions (medians over rounds)")
-    print(f"(1) saturation: {args.saturation} requests at once (half priority {HIGH} = high, half {LOW} = low, alternating) against --max-batch-size {SATURATION_BATCH}")
+    print(f"(1) saturation: {args.saturation} requests at once (one in {args.high_every} priority {HIGH} = high, the others {LOW} = low) against --max-batch-size {SATURATION_BATCH}")
     print(f"    time to first token: high p50 {median(high_p50):.2f} s, p95 {median(high_p95):.2f} s; low p50 {median(low_p50):.2f} s, p95 {median(low_p95):.2f} s")
     per_round = [h / lo for h, lo in zip(high_p95, low_p95)]
     print(f"    TTFT p95 high / p95 low = {median(high_p95) / median(low_p95):.4f}   goal <= 0.5   (per round: {', '.join(f'{r:.4f}' for r in per_round)})")
-    print(f"    strict priority with equal service times and free prefill would give {strict_priority_floor(args.saturation, SATURATION_BATCH):.4f} for this mix")
+    print(f"    strict priority with equal service times and free prefill would give {strict_priority_floor(args.saturation, SATURATION_BATCH, args.high_every):.4f} for this mix")
     server_counts = counts["server"]
     print(
         f"(2) load counts of round 1's saturation run: sent {counts['sent']}, answered {counts['answered']}, 429 {counts['429']}, "

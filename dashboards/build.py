@@ -60,6 +60,29 @@ def _rate(metric: mn.MetricName, *matchers: str, by: str = "") -> str:
     return f"sum{f' by ({by}) ' if by else ''}(rate({metric.prometheus}{_selector(*matchers)}[$__rate_interval]))"
 
 
+def _dashboard(title: str, uid: str, tags: list[str], variables: list[dict[str, Any]], panels: list[dict[str, Any]], *, since: str = "now-1h", refresh: str = "10s") -> dict[str, Any]:
+    """A dashboard: its panels and variables, the shared links, Grafana's schema 39."""
+    return {
+        "title": title,
+        "uid": uid,
+        "schemaVersion": 39,
+        "tags": tags,
+        "time": {"from": since, "to": "now"},
+        "refresh": refresh,
+        "templating": {"list": variables},
+        "panels": panels,
+        "links": LINKS,
+    }
+
+
+def _label_variables(metric: mn.MetricName) -> list[dict[str, Any]]:
+    """The `model` and `instance` variables, from `metric`'s label values."""
+    return [
+        {"name": label, "type": "query", "datasource": {"type": "prometheus", "uid": "${prometheus}"}, "query": f"label_values({metric.prometheus}, {label})", "includeAll": True, "multi": True}
+        for label in ("model", "instance")
+    ]
+
+
 def build() -> dict[str, Any]:
     panels = [
         _panel("Step (forward) latency p50 / p95 by phase; exemplars open the step's trace", [
@@ -118,26 +141,19 @@ def build() -> dict[str, Any]:
                 }
             ],
         },
+        _panel("Speculative decoding: drafted and kept tokens per second, and the share kept", [
+            _target(_rate(mn.DRAFTED_TOKENS), "drafted/s", "A"),
+            _target(_rate(mn.ACCEPTED_TOKENS), "kept/s", "B"),
+            _target(f"{_rate(mn.ACCEPTED_TOKENS)} / {_rate(mn.DRAFTED_TOKENS)}", "acceptance rate", "C"),
+        ], "short", 0, 40, description="run --prompt-lookup / --draft-model: every kept token is one the offloaded layers were not streamed again for."),
     ]
-    return {
-        "title": "tracedoffload",
-        "uid": "tracedoffload",
-        "schemaVersion": 39,
-        "tags": ["tracedoffload", "offloading", "llm"],
-        "time": {"from": "now-1h", "to": "now"},
-        "refresh": "10s",
-        "templating": {
-            "list": [
-                {"name": "prometheus", "type": "datasource", "query": "prometheus"},
-                {"name": "tempo", "type": "datasource", "query": "tempo"},
-                {"name": "model", "type": "query", "datasource": {"type": "prometheus", "uid": "${prometheus}"}, "query": f"label_values({mn.STEPS.prometheus}, model)", "includeAll": True, "multi": True},
-                {"name": "instance", "type": "query", "datasource": {"type": "prometheus", "uid": "${prometheus}"}, "query": f"label_values({mn.STEPS.prometheus}, instance)", "includeAll": True, "multi": True},
-                {"name": "generation", "type": "textbox", "query": ".*", "label": "generation.id"},
-            ]
-        },
-        "panels": panels,
-        "links": LINKS,
-    }
+    variables = [
+        {"name": "prometheus", "type": "datasource", "query": "prometheus"},
+        {"name": "tempo", "type": "datasource", "query": "tempo"},
+        *_label_variables(mn.STEPS),
+        {"name": "generation", "type": "textbox", "query": ".*", "label": "generation.id"},
+    ]
+    return _dashboard("tracedoffload", "tracedoffload", ["tracedoffload", "offloading", "llm"], variables, panels)
 
 
 def build_serve() -> dict[str, Any]:
@@ -181,23 +197,8 @@ def build_serve() -> dict[str, Any]:
             _target(f"{_rate(mn.SERVER_REQUESTS, rejected)} / {_rate(mn.SERVER_REQUESTS, answered)}", "429 share", "A"),
         ], "percentunit", 12, 40, description="TracedOffloadRequestsRejected pages above 5% for 5 minutes. 401s are left out of the whole."),
     ]
-    return {
-        "title": "tracedoffload serve",
-        "uid": "tracedoffload-serve",
-        "schemaVersion": 39,
-        "tags": ["tracedoffload", "serve", "llm"],
-        "time": {"from": "now-1h", "to": "now"},
-        "refresh": "10s",
-        "templating": {
-            "list": [
-                {"name": "prometheus", "type": "datasource", "query": "prometheus"},
-                {"name": "model", "type": "query", "datasource": {"type": "prometheus", "uid": "${prometheus}"}, "query": f"label_values({mn.SERVER_REQUESTS.prometheus}, model)", "includeAll": True, "multi": True},
-                {"name": "instance", "type": "query", "datasource": {"type": "prometheus", "uid": "${prometheus}"}, "query": f"label_values({mn.SERVER_REQUESTS.prometheus}, instance)", "includeAll": True, "multi": True},
-            ]
-        },
-        "panels": panels,
-        "links": LINKS,
-    }
+    variables = [{"name": "prometheus", "type": "datasource", "query": "prometheus"}, *_label_variables(mn.SERVER_REQUESTS)]
+    return _dashboard("tracedoffload serve", "tracedoffload-serve", ["tracedoffload", "serve", "llm"], variables, panels)
 
 
 def _traceql_table(title: str, query: str, description: str, y: int, h: int, table_type: str, limit: int, spss: int = 3) -> dict[str, Any]:
@@ -247,23 +248,13 @@ def build_generation() -> dict[str, Any]:
                        "each step span's step.layers.* arrays hold every layer's figures.",
                        16, 12, "spans", 50, spss=100),
     ]
-    return {
-        "title": "tracedoffload generation",
-        "uid": "tracedoffload-generation",
-        "schemaVersion": 39,
-        "tags": ["tracedoffload", "serve", "traces"],
-        "time": {"from": "now-6h", "to": "now"},
-        "refresh": "",
-        "templating": {
-            "list": [
-                {"name": "tempo", "type": "datasource", "query": "tempo"},
-                {"name": "request_id", "type": "textbox", "query": "", "label": "request.id"},
-                {"name": "generation_id", "type": "textbox", "query": "", "label": "generation.id"},
-            ]
-        },
-        "panels": panels,
-        "links": LINKS,
-    }
+    variables = [
+        {"name": "tempo", "type": "datasource", "query": "tempo"},
+        {"name": "request_id", "type": "textbox", "query": "", "label": "request.id"},
+        {"name": "generation_id", "type": "textbox", "query": "", "label": "generation.id"},
+    ]
+    # Looked up by id, not watched: a longer window, no auto-refresh.
+    return _dashboard("tracedoffload generation", "tracedoffload-generation", ["tracedoffload", "serve", "traces"], variables, panels, since="now-6h", refresh="")
 
 
 DASHBOARDS = {"tracedoffload.json": build, "tracedoffload-serve.json": build_serve, "tracedoffload-generation.json": build_generation}
