@@ -140,6 +140,11 @@ class TestTraceContext:
         served.session.flush(10)
         assert all(names.REQUEST_ID in s.attributes for s in served.exporter.get_finished_spans() if s.name == SPAN)
         assert served.engine._tracer._handles == {}  # nothing kept per request
+        # The step in flight at a cancellation may still give the request an output: it has
+        # nowhere to go, and the next request's end sweeps it (one more request, served whole).
+        assert post(served, {"model": "tiny", "prompt": "after", "max_tokens": 4}).status_code == 200
+        router = served.engine._manager.output_router
+        assert router.result_handlers == {} and router.output_queue.empty()
 
 
 class TestApiKey:
@@ -213,6 +218,32 @@ class TestServerMetrics:
             assert all(f.result().status_code == 200 for f in futures)
         assert value(found, names.SERVER_REQUESTS_RUNNING.prometheus) == 2 and value(found, names.SERVER_REQUESTS_WAITING.prometheus) == 1
         assert value(found, names.KV_CACHE_USAGE.prometheus) > 0
+
+
+    def test_the_server_metrics_reach_the_opentelemetry_sdk(self, served):
+        """The same instruments over OTLP: counted outcomes, the queue time with the request's
+        trace as exemplar, and the levels observed from the engine when the reader collects."""
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from prometheus_client import CollectorRegistry
+        from opentelemetry.trace import SpanContext
+
+        from tracedoffload.serve.metrics import ServerMetrics
+
+        reader = InMemoryMetricReader()
+        metrics = ServerMetrics("tiny", CollectorRegistry(), MeterProvider(metric_readers=[reader]))
+        metrics.watch(served.engine)
+        metrics.request_ended(names.OUTCOME_REJECTED)
+        metrics.queued(0.25, SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=1))
+        found = {m.name: m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+        (rejected,) = [p for p in found[names.SERVER_REQUESTS.otel].data.data_points if p.attributes[names.LABEL_OUTCOME] == names.OUTCOME_REJECTED]
+        assert rejected.value == 1
+        (queued,) = found[names.SERVER_QUEUE_DURATION.otel].data.data_points
+        assert queued.count == 1 and queued.exemplars[0].trace_id == 0xABC
+        for level in (names.SERVER_REQUESTS_WAITING, names.SERVER_REQUESTS_RUNNING, names.SERVER_ENGINE_UP, names.KV_CACHE_USAGE, names.KV_CACHE_LIMIT):
+            assert found[level.otel].unit == level.unit and found[level.otel].data.data_points, level.otel
+        (up,) = found[names.SERVER_ENGINE_UP.otel].data.data_points
+        assert up.value == 1
 
 
 class TestLimits:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import queue
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -314,6 +315,7 @@ class Engine:
             self.admission.release(ticket)
             if not finished and ticket.admitted and self._manager is not None:
                 self._manager.cancel_request(request_id)
+            self._forget(request_id if not finished else None)
             if handle is not None:
                 if queued_ns is not None:
                     notes.attributes[names.GENERATION_QUEUE_NS] = queued_ns
@@ -323,6 +325,24 @@ class Engine:
                 # with what only this side knows.
                 self.session.end_generation(handle, len(produced), notes.finish_reason or reason, notes.attributes)
                 self._tracer.untrack(request_id)
+
+    def _forget(self, request_id: str | None) -> None:
+        """The manager keeps a result handler per request until it finishes, and a cancelled
+        request never does: drop its handler (`request_id`). The step in flight when it was
+        cancelled may still give it an output, which then has nowhere to go but the manager's
+        shared queue, which this engine never reads: empty that at every request's end. Without
+        both, a server that runs for days grows with every client that left. Both are the
+        manager's attributes, not public API (transformers 5.24)."""
+        router = getattr(self._manager, "output_router", None)
+        handlers, lock, stray = (getattr(router, name, None) for name in ("result_handlers", "_lock", "output_queue"))
+        if request_id is not None and handlers is not None and lock is not None:
+            with lock:
+                handlers.pop(request_id, None)
+        while stray is not None and not stray.empty():
+            try:
+                stray.get_nowait()
+            except queue.Empty:
+                break
 
     def _decoding(self, sampling: Any) -> dict[str, Any]:
         """The per-request warpers' settings: greedy is a top-k of 1; sampling, the request's."""
