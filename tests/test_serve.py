@@ -128,6 +128,17 @@ class TestTheOpenAIClient:
         assert [c.index for c in answer.choices] == [0, 1] and all(c.message.content for c in answer.choices)
         assert 2 <= answer.usage.completion_tokens <= 12  # both choices' tokens, up to 6 each
 
+    def test_chat_log_probabilities_plain_and_streamed(self, client):
+        messages = [{"role": "user", "content": QUESTIONS[0]}]
+        answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, logprobs=True, top_logprobs=2)
+        content = answer.choices[0].logprobs.content
+        assert len(content) == answer.usage.completion_tokens and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in content)
+        assert "".join(e.token for e in content) == answer.choices[0].message.content or answer.choices[0].finish_reason == "stop"
+        assert all(max(t.logprob for t in e.top_logprobs) <= e.logprob + 1e-6 for e in content)  # greedy: nothing beats the chosen
+        streamed = [e for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, logprobs=True, top_logprobs=2, stream=True)
+                    if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+        assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+
     def test_completions_and_a_stop_string(self, client):
         plain = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=8)
         assert plain.choices[0].text and plain.usage.prompt_tokens > 0
@@ -156,7 +167,8 @@ class TestBadRequests:
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_p": 0}, "top_p"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_k": 0}, "top_k"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}, "presence_penalty"),
-            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "min_p": 0.1}, "min_p"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ],

@@ -264,6 +264,8 @@ def test_greedy_only_refuses_sampling_by_name_and_serves_greedy():
     try:
         refused = httpx.post(running.base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "temperature": 0.5}, timeout=30)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "temperature" and "--greedy-only" in refused.text
+        logprobs = httpx.post(running.base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "logprobs": 1}, timeout=30)
+        assert logprobs.status_code == 400 and logprobs.json()["error"]["param"] == "logprobs" and "--greedy-only" in logprobs.text
         chat = httpx.post(running.base + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
         assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages" and "no chat template" in chat.text
         served = running.complete(PROMPTS[0], 10)
@@ -326,3 +328,74 @@ class TestChoices:
             gate.set()
             assert all(f.result().status_code == 200 for f in futures)
         assert refused.status_code == 429
+
+
+def reference_logprobs(prompt: str, tokens: list[int]) -> list[torch.Tensor]:
+    """The model's own log-softmax before each of `tokens` (resident, one forward over it all)."""
+    model, tokenizer = llama(), ByteTokenizer()
+    ids = torch.tensor([tokenizer.encode(prompt) + tokens])
+    with torch.inference_mode():
+        logits = model(ids).logits[0].float()
+    start = ids.shape[1] - len(tokens) - 1
+    return [torch.log_softmax(logits[start + i], dim=-1) for i in range(len(tokens))]
+
+
+class TestLogprobs:
+    """The model's own log-probabilities, whatever the sampling settings (greedy is a top-k of 1
+    in this engine, and the manager's own would read 0 for every token)."""
+
+    def ask(self, served, **fields) -> dict:
+        body = {"model": "tiny", "prompt": PROMPTS[3], "max_tokens": 6, **fields}
+        response = httpx.post(served.base + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]
+
+    def test_greedy_tokens_carry_the_model_s_log_probabilities_and_alternatives(self, served):
+        choice = self.ask(served, logprobs=3)
+        tokens = alone(PROMPTS[3], 6)
+        reference = reference_logprobs(PROMPTS[3], tokens)
+        logprobs = choice["logprobs"]
+        assert logprobs["tokens"] == [served.tokenizer.decode([t]) for t in tokens]
+        for n, (token, lp) in enumerate(zip(tokens, logprobs["token_logprobs"])):
+            assert abs(lp - float(reference[n][token])) < 1e-3 and lp < 0
+            # Greedy: no alternative beats the chosen token. (Keyed by text, as OpenAI's are:
+            # byte tokens that decode alike share a key, so fewer than 3 may show.)
+            best = logprobs["top_logprobs"][n].values()
+            assert 1 <= len(best) <= 3 and max(best) <= lp + 1e-6
+        assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+
+    def test_a_seeded_sample_is_the_same_with_them_and_they_are_the_model_s(self, served):
+        settings = {"temperature": 1.5, "seed": 21}
+        plain = self.ask(served, **settings)
+        traced = self.ask(served, **settings, logprobs=0)
+        assert traced["text"] == plain["text"] and traced["logprobs"]["top_logprobs"] is None
+        # Sampled at a top-k of 1, the tokens are greedy's (known ids), and their log-probabilities
+        # are still the model's own, not the warped distribution's (which would say 0).
+        narrowed = self.ask(served, temperature=1.5, top_k=1, seed=21, logprobs=0)["logprobs"]["token_logprobs"]
+        tokens = alone(PROMPTS[3], 6)
+        reference = reference_logprobs(PROMPTS[3], tokens)
+        assert all(abs(lp - float(reference[n][t])) < 1e-3 and lp < 0 for n, (t, lp) in enumerate(zip(tokens, narrowed)))
+
+    def test_streamed_log_probabilities_add_up_to_the_plain_answer_s(self, served):
+        plain = self.ask(served, logprobs=2)["logprobs"]
+        streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        body = {"model": "tiny", "prompt": PROMPTS[3], "max_tokens": 6, "logprobs": 2, "stream": True}
+        with httpx.stream("POST", served.base + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        for key in streamed:
+                            streamed[key] += (choice["logprobs"] or {}).get(key) or []
+        assert streamed == plain
+
+    @pytest.mark.parametrize(
+        "path, fields, param",
+        [
+            ("/v1/completions", {"logprobs": 6}, "logprobs"),
+            ("/v1/completions", {"logprobs": True}, "logprobs"),
+            ("/v1/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ],
+    )
+    def test_bad_values_are_refused_by_name(self, served, path, fields, param):
+        response = httpx.post(served.base + path, json={"model": "tiny", "prompt": "x", **fields}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param

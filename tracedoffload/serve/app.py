@@ -35,7 +35,7 @@ from tracedoffload.logs import get_logger
 from tracedoffload.serve.admission import QueueFull
 from tracedoffload.serve.choices import Choice, close_all, collect, events
 from tracedoffload.serve.engine import Draining, Engine, EngineFailed, RequestNotes
-from tracedoffload.serve.protocol import ApiError, chunk, completion, new_id, parse_request, usage_chunk
+from tracedoffload.serve.protocol import ApiError, chunk, completion, logprobs_of, new_id, parse_request, usage_chunk
 from tracedoffload.serve.request_context import RequestIdMiddleware, authorized, caller_context
 from tracedoffload.serve.text import TextStream
 
@@ -123,7 +123,9 @@ def create_app(
         if request.model != engine.model_name:
             raise ApiError(404, f"model {request.model!r} does not exist; this server serves {engine.model_name!r} (GET /v1/models)", "model", "not_found_error", "model_not_found")
         if request.sampling is not None and not engine.settings.sampling:
-            raise ApiError(400, f"temperature: {request.sampling.temperature!r}: 0 or absent; this server decodes greedily only (started with --greedy-only)", "temperature")
+            if request.sampling.sampled:
+                raise ApiError(400, f"temperature: {request.sampling.temperature!r}: 0 or absent; this server decodes greedily only (started with --greedy-only)", "temperature")
+            raise ApiError(400, "logprobs: not with this server, started with --greedy-only (no per-request processors); leave it out", "logprobs")
         prompt_ids = _prompt_ids(engine, request)
         limit = engine.settings.max_context_tokens
         max_tokens = request.max_tokens or min(engine.settings.default_max_tokens, max(1, limit - len(prompt_ids)))
@@ -169,8 +171,11 @@ def create_app(
             await close_all(choices, engine.admission)  # also when a generator never started
         failed = any(choice.finish_reason == "error" for choice in choices)
         count(http, names.OUTCOME_FAILED if failed else names.OUTCOME_COMPLETED)
-        answers = [(choice.text.sent, choice.finish_reason or "length") for choice in choices]
+        answers = [(choice.text.sent, choice.finish_reason or "length", logprobs_of(request, choice.logprobs, _token_text)) for choice in choices]
         return JSONResponse(completion(request, response_id, answers, len(prompt_ids), sum(len(choice.tokens) for choice in choices)))
+
+    def _token_text(token: int) -> str:
+        return engine.tokenizer.decode([token], skip_special_tokens=False)
 
     def _choice(
         index: int, ticket: Any, request: Any, http: Request, response_id: str, parent: Any, baggage_attributes: dict[str, str], prompt_ids: list[int], max_tokens: int, kind: str
@@ -199,7 +204,11 @@ def create_app(
         merged = events(choices)
         try:
             async for choice, new, first in merged:
-                yield _sse(chunk(request, response_id, new, None, first=first, index=choice.index))
+                fresh = choice.logprobs[choice.reported :]
+                offset = sum(len(_token_text(e.token)) for e in choice.logprobs[: choice.reported])
+                choice.reported = len(choice.logprobs)
+                logprobs = logprobs_of(request, fresh, _token_text, offset)
+                yield _sse(chunk(request, response_id, new, None, first=first, index=choice.index, logprobs=logprobs))
                 if choice.finish_reason is not None:
                     yield _sse(chunk(request, response_id, None, choice.finish_reason, index=choice.index))
             failed = any(choice.finish_reason == "error" for choice in choices)

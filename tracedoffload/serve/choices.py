@@ -27,10 +27,14 @@ class Choice:
     notes: RequestNotes
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # None until it ends
+    logprobs: list[Any] = dataclasses.field(default_factory=list)  # per token, when the request asked
+    reported: int = 0  # log-probability entries already streamed
 
     def advance(self, output: Output) -> str:
         """Take the engine's latest output; returns the text that is new (stop strings held back)."""
         self.tokens = output.tokens
+        if output.logprobs is not None:
+            self.logprobs = output.logprobs
         new = self.text.advance(output.tokens, final=output.finished)
         if self.text.stopped:
             self.finish_reason = self.notes.finish_reason = "stop"

@@ -42,6 +42,7 @@ from tracedoffload._checks import check_int, check_positive
 from tracedoffload.generation import FINISH_LENGTH, FINISH_STOP, eos_ids
 from tracedoffload.logs import get_logger
 from tracedoffload.serve.admission import Admission, Ticket
+from tracedoffload.serve.logprobs import LogprobLedger, TokenLogprob
 
 log = get_logger("tracedoffload.serve")
 
@@ -102,14 +103,16 @@ class EngineSettings:
 
 
 class Output:
-    """One request's progress: every token so far, and whether (and why) it ended."""
+    """One request's progress: every token so far, whether (and why) it ended, and each token's
+    log-probability when the request asked for them."""
 
-    __slots__ = ("tokens", "finished", "finish_reason")
+    __slots__ = ("tokens", "finished", "finish_reason", "logprobs")
 
-    def __init__(self, tokens: list[int], finished: bool, finish_reason: str | None) -> None:
+    def __init__(self, tokens: list[int], finished: bool, finish_reason: str | None, logprobs: list[TokenLogprob] | None = None) -> None:
         self.tokens = tokens
         self.finished = finished
         self.finish_reason = finish_reason
+        self.logprobs = logprobs
 
 
 class Engine:
@@ -136,6 +139,7 @@ class Engine:
         self.draining = False
         self._cut = False
         self._live: set[asyncio.Queue[Any]] = set()  # the output queues of requests being served
+        self.logprobs = LogprobLedger()  # what requests asking for log-probabilities got, per token
         self._manager: Any = None
         self._tracer: Any = None
 
@@ -146,7 +150,7 @@ class Engine:
         manager reads the model's placement when it starts)."""
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        from tracedoffload.serve.seeded_sampling import install_seeded_sampling
+        from tracedoffload.serve.seeded_sampling import install_request_sampling
 
         settings = self.settings
         sizing = ContinuousBatchingConfig(
@@ -180,7 +184,7 @@ class Engine:
             self._tracer = trace_continuous_batching(self.model, self.session, self.model_name, open_untracked=False)
         self._manager = self.model.init_continuous_batching(generation_config=config, continuous_batching_config=sizing)
         if settings.sampling:
-            install_seeded_sampling(self._manager.logit_processor)
+            install_request_sampling(self._manager.logit_processor, self.logprobs)
         self._manager.start()
         from tracedoffload.planner import kv_bytes_per_token
 
@@ -270,6 +274,7 @@ class Engine:
         reason = FINISH_CANCELLED
         queued_ns = None
         notes = notes if notes is not None else RequestNotes()
+        wants_logprobs = sampling is not None and sampling.logprobs is not None
         self._live.add(outputs)
         try:
             if self.session is not None:
@@ -300,6 +305,7 @@ class Engine:
                     yield Output(produced, True, FINISH_ERROR)
                     return
                 produced = list(result.generated_tokens)
+                logprobs = self.logprobs.take(request_id, len(produced)) if wants_logprobs else None
                 if result.is_finished():
                     finished = True
                     if result.error:
@@ -307,15 +313,16 @@ class Engine:
                         self._note_failure(result.error)
                         raise EngineFailed(f"the request failed in the engine: {result.error}")
                     reason = FINISH_STOP if produced and produced[-1] in self.stop_ids else FINISH_LENGTH
-                    yield Output(produced, True, reason)
+                    yield Output(produced, True, reason, logprobs)
                     return
-                yield Output(produced, False, None)
+                yield Output(produced, False, None, logprobs)
         finally:
             self._live.discard(outputs)
             self.admission.release(ticket)
             if not finished and ticket.admitted and self._manager is not None:
                 self._manager.cancel_request(request_id)
             self._forget(request_id if not finished else None)
+            self.logprobs.forget(request_id)
             if handle is not None:
                 if queued_ns is not None:
                     notes.attributes[names.GENERATION_QUEUE_NS] = queued_ns
@@ -348,11 +355,16 @@ class Engine:
         """The per-request warpers' settings: greedy is a top-k of 1; sampling, the request's."""
         if not self.settings.sampling:
             return {}
-        if sampling is None:
-            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        vocabulary = int(getattr(self.model.config, "vocab_size", 0)) or 1 << 30
-        warpers = {"temperature": sampling.temperature, "top_k": sampling.top_k or vocabulary, "top_p": sampling.top_p}
-        return warpers if sampling.seed is None else {**warpers, "seed": sampling.seed}
+        if sampling is None or not sampling.sampled:
+            warpers: dict[str, Any] = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        else:
+            vocabulary = int(getattr(self.model.config, "vocab_size", 0)) or 1 << 30
+            warpers = {"temperature": sampling.temperature, "top_k": sampling.top_k or vocabulary, "top_p": sampling.top_p}
+            if sampling.seed is not None:
+                warpers["seed"] = sampling.seed
+        if sampling is not None and sampling.logprobs is not None:
+            warpers["logprobs"] = sampling.logprobs
+        return warpers
 
     def _check_alive(self) -> None:
         manager = self._manager

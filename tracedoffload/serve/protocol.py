@@ -20,7 +20,8 @@ import uuid
 from typing import Any
 
 MAX_STOP_STRINGS = 4
-MAX_CHOICES = 8  # `n`: samples of one request, each its own sequence in the batch
+MAX_CHOICES = 8
+MAX_TOP_LOGPROBS = 20  # `n`: samples of one request, each its own sequence in the batch
 MAX_STOP_LENGTH = 128
 ROLES = ("system", "user", "assistant")
 
@@ -86,7 +87,7 @@ def parse_request(body: bytes, kind: str) -> Request:
     else:
         prompt = _prompt(data.get("prompt"))
     max_tokens = _max_tokens(data)
-    sampling = _sampling(data)
+    sampling = _sampling(data, _logprobs(data, kind))
     n = data.get("n", 1)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise bad("n", f"{n!r}: an integer from 1 to {MAX_CHOICES}")
@@ -116,8 +117,6 @@ UNSUPPORTED = {
     "frequency_penalty": (0, 0.0, None),
     "repetition_penalty": (1, 1.0, None),
     "min_p": (0, 0.0, None),
-    "logprobs": (False, None),
-    "top_logprobs": (0, None),
     "logit_bias": ({}, None),
     "best_of": (1, None),
     "echo": (False, None),
@@ -179,13 +178,18 @@ class Sampling:
     """A sampled request's settings: temperature > 0; top_p in (0, 1]; top_k >= 1, or None (off);
     seed, or None (the engine's shared random stream)."""
 
-    temperature: float
+    temperature: float  # 0: greedy (a request that is greedy but wants log-probabilities)
     top_p: float
     top_k: int | None
     seed: int | None = None
+    logprobs: int | None = None  # alternatives per token to report, or None: no log-probabilities
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
 
 
-def _sampling(data: dict[str, Any]) -> Sampling | None:
+def _sampling(data: dict[str, Any], logprobs: int | None) -> Sampling | None:
     temperature = data.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
         raise bad("temperature", f"{temperature!r}: a number from 0 to 2 (0 or absent: greedy)")
@@ -199,8 +203,29 @@ def _sampling(data: dict[str, Any]) -> Sampling | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad("seed", f"{seed!r}: an integer")
     if not temperature:
-        return None  # greedy: top_p and top_k change nothing, and a seed is not needed to reproduce it
-    return Sampling(float(temperature), float(top_p) if top_p is not None else 1.0, top_k if top_k not in (None, -1) else None, seed)
+        # Greedy: top_p and top_k change nothing, and a seed is not needed to reproduce it.
+        return Sampling(0.0, 1.0, None, None, logprobs) if logprobs is not None else None
+    return Sampling(float(temperature), float(top_p) if top_p is not None else 1.0, top_k if top_k not in (None, -1) else None, seed, logprobs)
+
+
+def _logprobs(data: dict[str, Any], kind: str) -> int | None:
+    """How many alternatives per token the answer reports with its log-probabilities (0: only the
+    token's own), or None: none asked. Chat: `logprobs` true and `top_logprobs` 0 to 20;
+    completions: `logprobs` 0 to 5 (OpenAI's ranges)."""
+    logprobs, top = data.get("logprobs"), data.get("top_logprobs")
+    if kind == "chat":
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise bad("logprobs", f"{logprobs!r}: true or false")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+            raise bad("top_logprobs", f"{top!r}: an integer from 0 to {MAX_TOP_LOGPROBS}")
+        if top and not logprobs:
+            raise bad("top_logprobs", f"{top!r}: only with logprobs: true")
+        return (top or 0) if logprobs else None
+    if top is not None:
+        raise bad("top_logprobs", "a chat completions field; here logprobs itself is the count (0 to 5)")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5):
+        raise bad("logprobs", f"{logprobs!r}: an integer from 0 to 5, or null")
+    return logprobs
 
 
 def _stop(stop: Any) -> list[str]:
@@ -223,20 +248,47 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(request: Request, response_id: str, answers: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """The whole answer (stream false): one choice per (text, finish reason), in order; the
-    completion tokens over all of them."""
+def completion(request: Request, response_id: str, answers: list[tuple[str, str, dict[str, Any] | None]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The whole answer (stream false): one choice per (text, finish reason, log-probabilities
+    from `logprobs_of`), in order; the completion tokens over all of them."""
     choices: list[dict[str, Any]] = []
-    for index, (text, finish_reason) in enumerate(answers):
+    for index, (text, finish_reason, logprobs) in enumerate(answers):
         if request.kind == "chat":
-            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason})
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason})
         else:
-            choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason})
+            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
     obj = "chat.completion" if request.kind == "chat" else "text_completion"
     return {"id": response_id, "object": obj, "created": int(time.time()), "model": request.model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chunk(request: Request, response_id: str, text: str | None, finish_reason: str | None, *, first: bool = False, index: int = 0) -> dict[str, Any]:
+def logprobs_of(request: Request, entries: list[Any], decode: Any, offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's log-probabilities object for `entries` (`TokenLogprob`s), or None when the request
+    asked for none. `decode`: token id -> its text; `offset`: the text's length before them
+    (completions' `text_offset`)."""
+    if request.sampling is None or request.sampling.logprobs is None:
+        return None
+    if request.kind == "chat":
+        def item(token: int, logprob: float) -> dict[str, Any]:
+            text = decode(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
+    texts = [decode(e.token) for e in entries]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{decode(t): lp for t, lp in e.top} for e in entries] if request.sampling.logprobs else None,
+        "text_offset": offsets,
+    }
+
+
+def chunk(
+    request: Request, response_id: str, text: str | None, finish_reason: str | None, *, first: bool = False, index: int = 0, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One server-sent event's payload (stream true)."""
     if request.kind == "chat":
         delta: dict[str, Any] = {}
@@ -244,10 +296,10 @@ def chunk(request: Request, response_id: str, text: str | None, finish_reason: s
             delta["role"] = "assistant"
         if text:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     payload: dict[str, Any] = {"id": response_id, "object": obj, "created": int(time.time()), "model": request.model, "choices": [choice]}
     if request.include_usage:

@@ -11,14 +11,21 @@ token, so the manager's own multinomial can pick nothing else. Unseeded rows pas
 
 The noise is drawn on the host, so a seed draws the same noise on every device; each seeded row
 costs one generator and one vocabulary-sized draw per step.
+
+It also draws, at a random key, every row whose request asked for log-probabilities: the token it
+draws is then known here, and its log-probability is recorded (`logprobs.py`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import random
+
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+
+from tracedoffload.serve.logprobs import LogprobLedger, RawLogprobs, record_logprobs
 
 UNSEEDED = -1
 _MASK64 = (1 << 64) - 1
@@ -54,6 +61,9 @@ class SeededSampler(ContinuousBatchingLogitsProcessor):
     supported_kwargs: dict[str, type] = {"seed": int}
     ignored_kwargs: tuple[str, ...] = ()
 
+    def __init__(self, ledger: LogprobLedger | None = None) -> None:
+        self.ledger = ledger
+
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(UNSEEDED)
 
@@ -66,21 +76,27 @@ class SeededSampler(ContinuousBatchingLogitsProcessor):
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         keys = tensor_arg[: scores.size(0)].tolist()
-        seeded = [(row, key) for row, key in enumerate(keys) if key != UNSEEDED]
-        if not seeded:
+        wanted = self.ledger.raw if self.ledger is not None else {}
+        drawn = [(row, key if key != UNSEEDED else random.getrandbits(31)) for row, key in enumerate(keys) if key != UNSEEDED or row in wanted]
+        if not drawn:
             return scores
         scores = scores.clone()
-        for row, key in seeded:
-            choice = gumbel_choice(scores[row], key)
+        for row, key in drawn:
+            choice = gumbel_choice(scores[row], key)  # a greedy row (top-k 1) has one candidate: its argmax
             scores[row].fill_(float("-inf"))
             scores[row, choice] = 0.0
+            if row in wanted:
+                record_logprobs(self.ledger, row, choice)
         return scores
 
 
-def install_seeded_sampling(processors: Any) -> None:
-    """Append the seeded sampler to a manager's processor list (`manager.logit_processor`), before
-    the manager starts: its argument storage is sized from the list when the thread starts."""
-    processors.logits_processor.append(SeededSampler())
-    processors.tensors_required += 1
+def install_request_sampling(processors: Any, ledger: LogprobLedger) -> None:
+    """Put the raw log-probabilities first and the seeded sampler last in a manager's processor
+    list (`manager.logit_processor`), before the manager starts: its argument storage is sized
+    from the list when the thread starts."""
+    processors.logits_processor.insert(0, RawLogprobs(ledger))
+    processors.logits_processor.append(SeededSampler(ledger))
+    processors.tensors_required += 2
     processors.supported_keys.update(SeededSampler.supported_kwargs)
+    processors.supported_keys.update(RawLogprobs.supported_kwargs)
     processors.do_processing = True
