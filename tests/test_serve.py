@@ -166,10 +166,10 @@ class TestBadRequests:
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_p": 0}, "top_p"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1, "top_k": 0}, "top_k"),
-            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}, "presence_penalty"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}, "presence_penalty"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30}, "top_logprobs"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "min_p": 0.1}, "min_p"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}, "logit_bias"),
             ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ],
     )

@@ -6,6 +6,7 @@ others run, and a forward that fails takes the engine down cleanly: every waitin
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import contextlib
@@ -399,3 +400,46 @@ class TestLogprobs:
     def test_bad_values_are_refused_by_name(self, served, path, fields, param):
         response = httpx.post(served.base + path, json={"model": "tiny", "prompt": "x", **fields}, timeout=30)
         assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def greedy_with(prompt: str, max_tokens: int, adjust: Any) -> list[int]:
+    """Greedy decoding, one full forward per token, the logits changed by `adjust(logits, prompt ids,
+    answer so far)` before the argmax: what a penalty should do, computed the plain way."""
+    model, tokenizer = llama(), ByteTokenizer()
+    prompt_ids, answer = tokenizer.encode(prompt), []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([prompt_ids + answer])).logits[0, -1].float()
+            answer.append(int(adjust(logits.clone(), prompt_ids, answer).argmax()))
+    return answer
+
+
+class TestPenalties:
+    def answer(self, served, **fields) -> str:
+        response = httpx.post(served.base + "/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12, **fields}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    def test_a_repetition_penalty_does_what_generate_s_does(self, served):
+        model, tokenizer = llama(), ByteTokenizer()
+        ids = torch.tensor([tokenizer.encode(PROMPTS[0])])
+        with torch.inference_mode():
+            expected = model.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=3.0, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        assert self.answer(served, repetition_penalty=3.0) == tokenizer.decode(expected) != tokenizer.decode(alone(PROMPTS[0], 12))
+
+    def test_presence_and_frequency_penalties_follow_openai_s_rule(self, served):
+        def openai_rule(logits, prompt_ids, answer):
+            for token, count in collections.Counter(answer).items():
+                logits[token] -= 1.5 + 0.75 * count
+            return logits
+
+        expected = served.tokenizer.decode(greedy_with(PROMPTS[0], 12, openai_rule))
+        assert self.answer(served, presence_penalty=1.5, frequency_penalty=0.75) == expected != served.tokenizer.decode(alone(PROMPTS[0], 12))
+
+    def test_min_p_of_one_keeps_only_the_most_likely_token(self, served):
+        assert self.answer(served, temperature=1.5, min_p=1.0) == served.tokenizer.decode(alone(PROMPTS[0], 12))
+
+    @pytest.mark.parametrize("field, value", [("presence_penalty", 3), ("frequency_penalty", -2.5), ("repetition_penalty", 0), ("min_p", 1.5)])
+    def test_out_of_range_values_are_refused_by_name(self, served, field, value):
+        response = httpx.post(served.base + "/v1/completions", json={"model": "tiny", "prompt": "x", field: value}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == field

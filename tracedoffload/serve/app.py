@@ -125,7 +125,8 @@ def create_app(
         if request.sampling is not None and not engine.settings.sampling:
             if request.sampling.sampled:
                 raise ApiError(400, f"temperature: {request.sampling.temperature!r}: 0 or absent; this server decodes greedily only (started with --greedy-only)", "temperature")
-            raise ApiError(400, "logprobs: not with this server, started with --greedy-only (no per-request processors); leave it out", "logprobs")
+            field = "logprobs" if request.sampling.logprobs is not None else request.sampling.penalties[0][0]
+            raise ApiError(400, f"{field}: not with this server, started with --greedy-only (no per-request processors); leave it out", field)
         prompt_ids = _prompt_ids(engine, request)
         limit = engine.settings.max_context_tokens
         max_tokens = request.max_tokens or min(engine.settings.default_max_tokens, max(1, limit - len(prompt_ids)))

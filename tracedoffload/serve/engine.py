@@ -364,6 +364,8 @@ class Engine:
                 warpers["seed"] = sampling.seed
         if sampling is not None and sampling.logprobs is not None:
             warpers["logprobs"] = sampling.logprobs
+        if sampling is not None:
+            warpers.update(sampling.penalties)
         return warpers
 
     def _check_alive(self) -> None:

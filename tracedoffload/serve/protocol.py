@@ -113,10 +113,6 @@ def parse_request(body: bytes, kind: str) -> Request:
 # OpenAI's (and vLLM's) parameters this server cannot honour, with the value that changes nothing:
 # given anything else they are refused by name rather than silently ignored.
 UNSUPPORTED = {
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
-    "repetition_penalty": (1, 1.0, None),
-    "min_p": (0, 0.0, None),
     "logit_bias": ({}, None),
     "best_of": (1, None),
     "echo": (False, None),
@@ -183,6 +179,7 @@ class Sampling:
     top_k: int | None
     seed: int | None = None
     logprobs: int | None = None  # alternatives per token to report, or None: no log-probabilities
+    penalties: tuple[tuple[str, float], ...] = ()  # (name, value) of the non-neutral penalties and min_p
 
     @property
     def sampled(self) -> bool:
@@ -202,10 +199,34 @@ def _sampling(data: dict[str, Any], logprobs: int | None) -> Sampling | None:
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad("seed", f"{seed!r}: an integer")
+    penalties = _penalties(data)
     if not temperature:
-        # Greedy: top_p and top_k change nothing, and a seed is not needed to reproduce it.
-        return Sampling(0.0, 1.0, None, None, logprobs) if logprobs is not None else None
-    return Sampling(float(temperature), float(top_p) if top_p is not None else 1.0, top_k if top_k not in (None, -1) else None, seed, logprobs)
+        # Greedy: top_p, top_k and min_p change nothing, and a seed is not needed to reproduce it.
+        penalties = tuple((name, value) for name, value in penalties if name != "min_p")
+        return Sampling(0.0, 1.0, None, None, logprobs, penalties) if logprobs is not None or penalties else None
+    return Sampling(float(temperature), float(top_p) if top_p is not None else 1.0, top_k if top_k not in (None, -1) else None, seed, logprobs, penalties)
+
+
+# name: (neutral value, lowest, highest, what is valid)
+PENALTIES = {
+    "presence_penalty": (0.0, -2.0, 2.0, "a number from -2 to 2 (0: off)"),
+    "frequency_penalty": (0.0, -2.0, 2.0, "a number from -2 to 2 (0: off)"),
+    "repetition_penalty": (1.0, 0.01, 10.0, "a number from 0.01 to 10 (1: off; above 1 discourages repeats)"),
+    "min_p": (0.0, 0.0, 1.0, "a number from 0 to 1 (0: off)"),
+}
+
+
+def _penalties(data: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    given = []
+    for name, (neutral, low, high, valid) in PENALTIES.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise bad(name, f"{value!r}: {valid}")
+        if value != neutral:
+            given.append((name, float(value)))
+    return tuple(given)
 
 
 def _logprobs(data: dict[str, Any], kind: str) -> int | None:
