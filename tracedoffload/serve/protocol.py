@@ -3,12 +3,13 @@
 Requests are checked here, field by field, before they reach the engine: a bad one is an
 `ApiError` (400, or 404 for an unknown model) in OpenAI's error shape, naming the field and what
 is valid. Parameters the engine cannot honour are refused by name, never silently ignored:
-`UNSUPPORTED` (penalties, min_p, logprobs, tools, ...) unless given their neutral value.
+`UNSUPPORTED` (logit_bias, tools, best_of, ...) unless given their neutral value.
 
 Decoding: greedy unless `temperature` is given above 0 (greedy is this server's default, where
-OpenAI's is 1: an answer is reproducible unless sampling is asked for); then `top_p` and `top_k`
-(as vLLM takes it, -1 or absent: off) apply, and `seed` makes the draw reproducible whatever
-else shares the batch (serve/seeded_sampling.py).
+OpenAI's is 1: an answer is reproducible unless sampling is asked for); then `top_p`, `top_k`
+(as vLLM takes it, -1 or absent: off) and `min_p` apply, and `seed` makes the draw reproducible
+whatever else shares the batch (serve/seeded_sampling.py). The penalties (`PENALTIES`) apply
+greedy or not (serve/penalties.py); `logprobs` reports the model's own (serve/logprobs.py).
 """
 
 from __future__ import annotations
