@@ -206,9 +206,9 @@ def create_app(
         try:
             async for choice, new, first in merged:
                 fresh = choice.logprobs[choice.reported :]
-                offset = sum(len(_token_text(e.token)) for e in choice.logprobs[: choice.reported])
+                logprobs = logprobs_of(request, fresh, _token_text, choice.reported_chars)
                 choice.reported = len(choice.logprobs)
-                logprobs = logprobs_of(request, fresh, _token_text, offset)
+                choice.reported_chars += sum(len(_token_text(e.token)) for e in fresh) if logprobs is not None else 0
                 yield _sse(chunk(request, response_id, new, None, first=first, index=choice.index, logprobs=logprobs))
                 if choice.finish_reason is not None:
                     yield _sse(chunk(request, response_id, None, choice.finish_reason, index=choice.index))
