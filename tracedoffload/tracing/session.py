@@ -271,13 +271,7 @@ class TracingSession:
         """End a generation from `open_generation` (idempotent); `attributes` are added to its span."""
         if attributes:
             handle._attributes.update(attributes)
-        if output_tokens is not None:
-            handle.output_tokens = output_tokens
-        if finish_reason is not None:
-            handle.finish_reason = finish_reason
-        if self._recorder is not None and handle._opened is not None:
-            self._recorder.close(handle._opened, output_tokens=[handle.output_tokens])
-            handle._opened = None
+        self._leave_batch(handle, output_tokens, finish_reason)
         self._submit_end(handle)
 
     def finish_generation(self, handle: GenerationHandle, output_tokens: int, finish_reason: str) -> None:
@@ -289,10 +283,16 @@ class TracingSession:
         if handle._end_ns is not None or handle._ended:
             return
         handle._end_ns = time.time_ns()
-        handle.output_tokens = output_tokens
-        handle.finish_reason = finish_reason
+        self._leave_batch(handle, output_tokens, finish_reason)
+
+    def _leave_batch(self, handle: GenerationHandle, output_tokens: int | None, finish_reason: str | None) -> None:
+        """Its counts set (None: kept as they are), its sequence out of the batch (once)."""
+        if output_tokens is not None:
+            handle.output_tokens = output_tokens
+        if finish_reason is not None:
+            handle.finish_reason = finish_reason
         if self._recorder is not None and handle._opened is not None:
-            self._recorder.close(handle._opened, output_tokens=[output_tokens])
+            self._recorder.close(handle._opened, output_tokens=[handle.output_tokens])
             handle._opened = None
 
     def plan_step(self, sequences: Sequence[PlannedSequence], kv_tokens: int | None = None) -> None:
