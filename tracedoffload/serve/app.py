@@ -208,7 +208,8 @@ def create_app(
                 fresh = choice.logprobs[choice.reported :]
                 logprobs = logprobs_of(request, fresh, _token_text, choice.reported_chars)
                 choice.reported = len(choice.logprobs)
-                choice.reported_chars += sum(len(_token_text(e.token)) for e in fresh) if logprobs is not None else 0
+                if logprobs is not None and "tokens" in logprobs:  # completions: their text, decoded once above
+                    choice.reported_chars += sum(map(len, logprobs["tokens"]))
                 yield _sse(chunk(request, response_id, new, None, first=first, index=choice.index, logprobs=logprobs))
                 if choice.finish_reason is not None:
                     yield _sse(chunk(request, response_id, None, choice.finish_reason, index=choice.index))

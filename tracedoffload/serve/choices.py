@@ -29,7 +29,7 @@ class Choice:
     finish_reason: str | None = None  # None until it ends
     logprobs: list[Any] = dataclasses.field(default_factory=list)  # per token, when the request asked
     reported: int = 0  # log-probability entries already streamed
-    reported_chars: int = 0  # the length of their tokens' text (completions' text_offset)
+    reported_chars: int = 0  # completions: the length of their tokens' text (the next text_offset)
 
     def advance(self, output: Output) -> str:
         """Take the engine's latest output; returns the text that is new (stop strings held back)."""
