@@ -150,7 +150,7 @@ class Engine:
         manager reads the model's placement when it starts)."""
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        from tracedoffload.serve.seeded_sampling import install_request_sampling
+        from tracedoffload.serve.processors import install_request_processors
 
         settings = self.settings
         sizing = ContinuousBatchingConfig(
@@ -184,7 +184,7 @@ class Engine:
             self._tracer = trace_continuous_batching(self.model, self.session, self.model_name, open_untracked=False)
         self._manager = self.model.init_continuous_batching(generation_config=config, continuous_batching_config=sizing)
         if settings.sampling:
-            install_request_sampling(self._manager.logit_processor, self.logprobs)
+            install_request_processors(self._manager.logit_processor, self.logprobs)
         self._manager.start()
         from tracedoffload.planner import kv_bytes_per_token
 

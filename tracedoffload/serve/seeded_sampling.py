@@ -25,8 +25,7 @@ import random
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
-from tracedoffload.serve.logprobs import LogprobLedger, RawLogprobs, record_logprobs
-from tracedoffload.serve.penalties import RequestMinP, RequestPenalties
+from tracedoffload.serve.logprobs import LogprobLedger, record_logprobs
 
 UNSEEDED = -1
 _MASK64 = (1 << 64) - 1
@@ -89,20 +88,3 @@ class SeededSampler(ContinuousBatchingLogitsProcessor):
             if row in wanted:
                 record_logprobs(self.ledger, row, choice)
         return scores
-
-
-def install_request_sampling(processors: Any, ledger: LogprobLedger) -> None:
-    """Put the raw log-probabilities first and the seeded sampler last in a manager's processor
-    list (`manager.logit_processor`), before the manager starts: its argument storage is sized
-    from the list when the thread starts."""
-    # Raw log-probabilities, then penalties (before any warper, as generate orders them), the
-    # manager's warpers, min_p after top-p, and the seeded sampler last.
-    added = [RawLogprobs(ledger), RequestPenalties(), RequestMinP(), SeededSampler(ledger)]
-    processors.logits_processor.insert(0, added[0])
-    processors.logits_processor.insert(1, added[1])
-    processors.logits_processor.append(added[2])
-    processors.logits_processor.append(added[3])
-    processors.tensors_required += len(added)
-    for processor in added:
-        processors.supported_keys.update(processor.supported_kwargs)
-    processors.do_processing = True
