@@ -237,8 +237,8 @@ class Engine:
     def cut_off(self) -> None:
         """The drain's deadline: every request still served or waiting ends now, finish reason `error`."""
         self._cut = True
-        for queue in self._live:
-            queue.put_nowait(_CUT)
+        for outputs in self._live:
+            outputs.put_nowait(_CUT)
 
     # -- requests (the event loop) ----------------------------------------------------------------
 
