@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from opentelemetry import baggage, context, trace
+from opentelemetry import baggage, context
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
