@@ -171,8 +171,7 @@ class OffloadMetrics:
     def generation(self, result: GenerationResult) -> None:
         """One finished generation: its duration, time to first token and time per output token
         (exemplar: the generation's trace)."""
-        context = result.span_context
-        exemplar, ctx = _exemplar(context.trace_id, context.span_id) if context is not None else (None, None)
+        exemplar, ctx = exemplar_for(result.span_context)
         self._observe(mn.REQUEST_DURATION, result.duration_s, {}, exemplar, ctx)
         if result.time_to_first_token_s is not None:
             self._observe(mn.TIME_TO_FIRST_TOKEN, result.time_to_first_token_s, {}, exemplar, ctx)
