@@ -11,11 +11,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -49,6 +50,28 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def start_serve(flags: Sequence[str], log_file: Path, env: Mapping[str, str] | None = None, ready_timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """`tracedoffload serve` with `flags` on a free loopback port, once /ready answers 200: the
+    process and its base URL. Its stderr goes to `log_file` (a pipe nobody reads would fill and
+    block a long run); `env`: its whole environment (default: this process's)."""
+    port = free_port()
+    command = [sys.executable, "-m", "tracedoffload", "serve", "--port", str(port), *flags]
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=dict(env) if env is not None else None)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        assert process.poll() is None, log_file.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(base + "/ready", timeout=2) as response:
+                if response.status == 200:
+                    return process, base
+        except OSError:  # not listening yet, or 503 while the engine starts
+            pass
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.2)
 
 
 def get_json(url: str, timeout: float = 5.0) -> object:

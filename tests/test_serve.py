@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,31 +17,18 @@ import openai
 import pytest
 
 from tracedoffload.generation import generate_once
-from tests.servers import free_port
+from tests.servers import start_serve
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 QUESTIONS = ["What is the capital of France?", "Say yes.", "List three colors.", "Name a planet.", "What is two plus two?"]
 
 
 @pytest.fixture(scope="module")
-def server(default_model_xdg):
+def server(default_model_xdg, tmp_path_factory):
     """One server for the module: the default model from the session's converted cache."""
-    port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(default_model_xdg[0])}
-    command = [sys.executable, "-m", "tracedoffload", "serve", "--port", str(port), "--trace-level", "token", "--max-batch-size", "4", "--max-queue", "2", "--max-body-bytes", "65536", "--max-context-tokens", "512"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        assert process.poll() is None, process.stderr.read()
-        try:
-            with urllib.request.urlopen(base + "/ready", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the server never became ready"
-        time.sleep(0.3)
+    flags = ["--trace-level", "token", "--max-batch-size", "4", "--max-queue", "2", "--max-body-bytes", "65536", "--max-context-tokens", "512"]
+    process, base = start_serve(flags, tmp_path_factory.mktemp("serve") / "serve.log", env, ready_timeout_s=240)
     yield base, process
     process.send_signal(signal.SIGTERM)
     try:

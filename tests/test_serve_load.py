@@ -33,7 +33,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -44,7 +43,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import free_port
+from tests.servers import free_port, start_serve
 from tests.test_metrics import samples, value
 from tracedoffload import names
 from tracedoffload.models.random_model import RANDOM_MODEL_NAME
@@ -239,28 +238,15 @@ class _SlowCollector(http.server.BaseHTTPRequestHandler):
 
 
 def start_server(tmp_path: Path, flags: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str, Path, Path]:
-    """The server on a free port, its log in a file (a pipe nobody reads would fill and block it), ready."""
-    port = free_port()
+    """The server on the random model with this test's bounds, ready: (process, base URL, its trace file, its log)."""
     trace_file, log_file = tmp_path / "serve.otlp.jsonl", tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "tracedoffload", "serve", "--model", "random", "--port", str(port),
-        "--max-batch-size", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--max-requests-per-client", "0",
+    flags = [
+        "--model", "random", "--max-batch-size", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--max-requests-per-client", "0",
         "--trace-level", "token", "--trace-file", str(trace_file), "--drain-timeout", "30", *flags,
     ]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    with open(log_file, "w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env={**clean, **env})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, log_file.read_text()[-3000:]
-        try:
-            if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                return process, base, trace_file, log_file
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the server never became ready"
-        time.sleep(0.2)
+    process, base = start_serve(flags, log_file, {**clean, **env})
+    return process, base, trace_file, log_file
 
 
 def scrape(base: str) -> dict[str, list]:

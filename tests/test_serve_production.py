@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,7 +29,7 @@ from tracedoffload import names
 from tracedoffload.models.random_model import RANDOM_MODEL_NAME
 from tracedoffload.serve.engine import EngineSettings
 from tracedoffload.tracing.exporters.jsonl import read_otlp_jsonl
-from tests.servers import free_port
+from tests.servers import start_serve
 from tests.test_metrics import samples, value
 from tests.test_serve_engine import Served, held
 
@@ -300,22 +301,9 @@ class TestDrain:
             running.stop()
 
 
-def start_server(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`tracedoffload serve` on the random model (fast to load), ready."""
-    port = free_port()
-    command = [sys.executable, "-m", "tracedoffload", "serve", "--model", "random", "--port", str(port), *flags]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, process.stderr.read()
-        try:
-            if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the server never became ready"
-        time.sleep(0.2)
+def start_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`tracedoffload serve` on the random model (fast to load), ready; its log in `tmp_path`."""
+    return start_serve(["--model", "random", *flags], tmp_path / "serve.log", {**os.environ, **(env or {})})
 
 
 class TestTheProcess:
@@ -325,7 +313,7 @@ class TestTheProcess:
         host's speed decides which, never whether); the process exits 0 and its trace file holds
         both request spans with the same finish reasons."""
         trace_file = tmp_path / "serve.otlp.jsonl"
-        process, base = start_server("--trace-level", "token", "--trace-file", str(trace_file), "--drain-timeout", "3", "--max-context-tokens", "4096")
+        process, base = start_server(tmp_path, "--trace-level", "token", "--trace-file", str(trace_file), "--drain-timeout", "3", "--max-context-tokens", "4096")
         try:
             def stream(max_tokens: int) -> list[dict]:
                 body = {"model": RANDOM_MODEL_NAME, "prompt": "drain me", "max_tokens": max_tokens, "stream": True}
@@ -345,7 +333,7 @@ class TestTheProcess:
                 ready = httpx.get(base + "/ready", timeout=10)
                 refused = httpx.post(base + "/v1/completions", json={"model": RANDOM_MODEL_NAME, "prompt": "late"}, timeout=10)
                 ends = {n: [c["finish_reason"] for e in f.result() for c in e["choices"] if c["finish_reason"]] for n, f in streams.items()}
-            assert process.wait(60) == 0, process.stderr.read()
+            assert process.wait(60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
         finally:
             if process.poll() is None:
                 process.kill()
@@ -359,8 +347,8 @@ class TestTheProcess:
         result = subprocess.run([sys.executable, "-m", "tracedoffload", "serve", "--model", "random", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "host" in result.stderr and "--api-key" in result.stderr and "--allow-unauthenticated" in result.stderr
 
-    def test_the_key_comes_from_the_environment(self):
-        process, base = start_server("--trace-level", "off", env={"TRACEDOFFLOAD_API_KEY": "from-env"})
+    def test_the_key_comes_from_the_environment(self, tmp_path):
+        process, base = start_server(tmp_path, "--trace-level", "off", env={"TRACEDOFFLOAD_API_KEY": "from-env"})
         try:
             assert httpx.get(base + "/v1/models", timeout=10).status_code == 401
             assert httpx.get(base + "/v1/models", headers={"authorization": "Bearer from-env"}, timeout=10).status_code == 200
