@@ -12,10 +12,15 @@ and whether the greedy output is identical to plain decoding's (it must be).
 Goal on the grounded task: forwards per generated token <= 0.5 and bytes per generated token at
 most half of plain decoding's, with identical output.
 
+Then early-exit self-speculation with the model's first `--early-exit` layers, under the same
+preset with those layers resident (`residency="first"`: as many offloaded layers, so the same
+bytes per forward). SmolLM2 was not trained to exit early: its early layers' drafts are mostly
+refused, and the row shows what that costs.
+
 A draft model needs a smaller model with the same vocabulary, which this machine does not have
 offline (SmolLM2-135M is the smallest of its family); --draft-model PATH adds that configuration.
 
-    python bench/bench_speculation.py --rounds 3 --max-new-tokens 96 [--draft-model PATH]
+    python bench/bench_speculation.py --rounds 3 --max-new-tokens 96 [--early-exit 8] [--draft-model PATH]
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ TASKS = {
 }
 
 
-def measure(model, tokenizer, offloader, prompt: str, tokens: int, speculation) -> dict:
+def measure(model, tokenizer, residency: str, prompt: str, tokens: int, speculation) -> dict:
+    offloader = offload(model, OffloadConfig(preset="balanced", residency=residency))
     session = TracingSession([], policy=SamplingPolicy(level="token"))
     session.attach(offloader)
     try:
@@ -55,6 +61,7 @@ def measure(model, tokenizer, offloader, prompt: str, tokens: int, speculation) 
         stats = session.snapshot()
     finally:
         session.shutdown(5)
+        offloader.detach()
     per_token = stats["per_generated_token"]
     return {
         "text": generation.text,
@@ -72,27 +79,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--lookup-tokens", type=int, default=10)
+    parser.add_argument("--early-exit", type=int, default=8, help="layers the early exit drafts with (0: no early-exit row)")
     parser.add_argument("--draft-model", default=None)
     args = parser.parse_args()
     loaded = load_bench_model(args)
     model, tokenizer = loaded.model, loaded.tokenizer
-    configurations = {"plain": None, f"prompt lookup {args.lookup_tokens}": Speculation(prompt_lookup_tokens=args.lookup_tokens)}
+    # name -> (residency, speculation)
+    configurations = {"plain": ("interleaved", None), f"prompt lookup {args.lookup_tokens}": ("interleaved", Speculation(prompt_lookup_tokens=args.lookup_tokens))}
+    if args.early_exit:
+        configurations[f"early exit {args.early_exit}"] = ("first", Speculation(early_exit_layers=args.early_exit, draft_tokens=5, schedule="heuristic"))
     if args.draft_model:
         from tracedoffload.models import load_model
 
         draft = load_model(args.draft_model).model
-        configurations["draft model"] = Speculation(draft_model=draft, draft_tokens=5, schedule="heuristic")
-    offloader = offload(model, OffloadConfig(preset="balanced"))
-    print(f"balanced preset: {len(offloader.offloaded_indices)} of {len(offloader.layers)} layers offloaded; {args.max_new_tokens} new tokens at most; {args.rounds} rounds, interleaved", flush=True)
+        configurations["draft model"] = ("interleaved", Speculation(draft_model=draft, draft_tokens=5, schedule="heuristic"))
+    probe = offload(model, OffloadConfig(preset="balanced"))
+    print(f"balanced preset: {len(probe.offloaded_indices)} of {len(probe.layers)} layers offloaded; {args.max_new_tokens} new tokens at most; {args.rounds} rounds, interleaved", flush=True)
+    probe.detach()
     results: dict[tuple[str, str], list[dict]] = {}
-    try:
-        measure(model, tokenizer, offloader, TASKS["open"], 8, None)  # warm-up, not counted
-        for _ in range(args.rounds):
-            for task, prompt in TASKS.items():
-                for name, speculation in configurations.items():
-                    results.setdefault((task, name), []).append(measure(model, tokenizer, offloader, prompt, args.max_new_tokens, speculation))
-    finally:
-        offloader.detach()
+    measure(model, tokenizer, "interleaved", TASKS["open"], 8, None)  # warm-up, not counted
+    for _ in range(args.rounds):
+        for task, prompt in TASKS.items():
+            for name, (residency, speculation) in configurations.items():
+                results.setdefault((task, name), []).append(measure(model, tokenizer, residency, prompt, args.max_new_tokens, speculation))
     for task in TASKS:
         plain = results[(task, "plain")]
         print(f"\n{task}: {TASKS[task][:70]!r}...")

@@ -17,7 +17,7 @@ from tracedoffload import OffloadConfig, names, offload
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.generation import generate_once
 from tracedoffload.models.random_model import ByteTokenizer
-from tracedoffload.speculation import Speculation
+from tracedoffload.speculation import Speculation, check_early_exit
 from tracedoffload.tracing.sampling import SamplingPolicy
 from tracedoffload.tracing.session import TracingSession
 from tests.tracing.test_batches import llama
@@ -26,10 +26,10 @@ from tests.tracing.test_batches import llama
 PROMPT = "the cat sat on the mat. the cat sat on the mat. the cat sat on the"
 
 
-def traced_generation(model, speculation=None, max_new_tokens=24):
+def traced_generation(model, speculation=None, max_new_tokens=24, residency="interleaved"):
     """`generate_once` on `model` offloaded (2 of 4 layers resident) and traced; returns the
     generation, the step spans in order, every span, and the statistics."""
-    offloader = offload(model, OffloadConfig(num_layers_on_gpu=2))
+    offloader = offload(model, OffloadConfig(num_layers_on_gpu=2, residency=residency))
     exporter = InMemorySpanExporter()
     session = TracingSession([exporter], policy=SamplingPolicy(level="layer", first_tokens=1000))
     session.attach(offloader)
@@ -145,7 +145,58 @@ class TestDraftModel:
 
     def test_a_draft_with_another_vocabulary_is_refused_by_name(self):
         with pytest.raises(ConfigError, match="draft_model"):
-            Speculation(draft_model=llama(256)).generate_kwargs(llama(260))
+            with Speculation(draft_model=llama(256)).applied(llama(260)):
+                pass
+
+
+class TestEarlyExit:
+    """The model drafts with its own first layers, kept resident."""
+
+    @pytest.fixture(scope="class")
+    def early(self):
+        return traced_generation(llama(260), Speculation(early_exit_layers=2, draft_tokens=3), residency="first")
+
+    def test_same_greedy_output_and_drafts_traced_as_drafts_not_steps(self, plain, early):
+        """Drafting forwards run the model's own hooks: each is a `draft.forward` span under the
+        step verifying it, and every step still computes every layer (no draft became a step)."""
+        generation, steps, spans, stats = early
+        assert generation.text == plain[0].text and generation.generated_tokens == 24
+        drafts = [s for s in spans if s.name == names.SPAN_DRAFT]
+        assert len(drafts) == stats["draft_forwards"] == sum(s.attributes.get(names.STEP_DRAFT_FORWARDS, 0) for s in steps) > 0
+        by_step = {s.context.span_id: s for s in steps}
+        for draft in drafts:
+            step = by_step[draft.parent.span_id]
+            assert step.start_time <= draft.start_time <= draft.end_time <= step.end_time
+        for step in steps:
+            assert all(ns > 0 for ns in step.attributes[names.STEP_LAYERS_COMPUTE_NS]), step.attributes[names.STEP_INDEX]
+        assert stats["drafted_tokens"] > 0 and sum(s.attributes[names.STEP_GENERATED_TOKENS] for s in steps) == 24
+
+    def test_the_drafts_copy_nothing_more(self, plain, early):
+        """The draft runs resident layers only: no step, its drafts included, copies more than a
+        plain step (each offloaded layer once), and so fewer steps copy less in all."""
+        most = max(s.attributes[names.STEP_TRANSFER_BYTES] for s in plain[1])
+        assert max(s.attributes[names.STEP_TRANSFER_BYTES] for s in early[1]) <= most
+        assert early[3]["steps"] < plain[3]["steps"] and early[3]["bytes_transferred"] < plain[3]["bytes_transferred"]
+
+    def test_the_models_generation_config_is_put_back(self):
+        model = llama(260)
+        before = (model.generation_config.num_assistant_tokens, model.generation_config.num_assistant_tokens_schedule)
+        traced_generation(model, Speculation(early_exit_layers=1, draft_tokens=7, schedule="heuristic"), max_new_tokens=4, residency="first")
+        assert (model.generation_config.num_assistant_tokens, model.generation_config.num_assistant_tokens_schedule) == before
+
+    def test_an_exit_past_the_resident_layers_or_the_model_is_refused_by_name(self):
+        with pytest.raises(ConfigError, match="early_exit=2 .*at most 1"):
+            check_early_exit(2, 4, resident=[0, 2])
+        with pytest.raises(ConfigError, match="early_exit"):
+            check_early_exit(4, 4)
+        check_early_exit(2, 4, resident=[0, 1])
+
+    def test_run_puts_the_first_layers_resident_and_refuses_another_residency(self, in_tmp_dir):
+        refused = subprocess.run([sys.executable, "-m", "tracedoffload", "run", "--early-exit", "2", "--residency", "last"], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "residency='last'" in refused.stderr and "--early-exit" in refused.stderr
+        command = [sys.executable, "-m", "tracedoffload", "run", "--model", "random", "--num-gpu-layers", "3", "--early-exit", "4", "--no-progress"]
+        too_far = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert too_far.returncode == 2 and "early_exit=4" in too_far.stderr and "at most 3" in too_far.stderr
 
 
 class TestSettings:

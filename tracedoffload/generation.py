@@ -120,14 +120,16 @@ def generate_once(
         # eos should a generation config put it back.
         limits["min_new_tokens"] = max_new_tokens
     interrupt = StopOnInterrupt() if interruptible else None
-    speculative = speculation.generate_kwargs(model) if speculation is not None else {}
-    choosing = decoding.generate_kwargs() if decoding is not None else {"do_sample": False}
-    _synchronize(device)
-    traced = session.generation(model_name, input_ids.shape[1], max_new_tokens) if session is not None else contextlib.nullcontext()
-    started = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        speculative = stack.enter_context(speculation.applied(model)) if speculation is not None else {}
+        choosing = decoding.generate_kwargs() if decoding is not None else {"do_sample": False}
         if session is not None and speculation is not None and speculation.draft_model is not None:
             stack.callback(session.trace_draft(speculation.draft_model))
+        if session is not None and speculation is not None and speculation.early_exit_layers is not None:
+            stack.callback(session.trace_early_exit(model))
+        _synchronize(device)
+        traced = session.generation(model_name, input_ids.shape[1], max_new_tokens) if session is not None else contextlib.nullcontext()
+        started = time.perf_counter()
         with torch.inference_mode(), traced as handle, interrupt or contextlib.nullcontext():
             output = model.generate(
                 input_ids,

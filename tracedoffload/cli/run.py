@@ -54,7 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     drafts = speculation.add_mutually_exclusive_group()
     drafts.add_argument("--prompt-lookup", type=int, metavar="N", help="draft up to N tokens per step from n-gram matches in the prompt (no draft model)")
     drafts.add_argument("--draft-model", metavar="PATH", help="a small model with the same vocabulary (a .gguf or a directory), kept resident, that drafts tokens")
-    speculation.add_argument("--draft-tokens", type=int, default=5, metavar="N", help="tokens the draft model proposes per step (default 5)")
+    drafts.add_argument(
+        "--early-exit", type=int, metavar="K", help="the model drafts with its first K layers, kept resident (--residency first); pays on models trained to exit early"
+    )
+    speculation.add_argument("--draft-tokens", type=int, default=5, metavar="N", help="tokens the draft model or the early exit proposes per step (default 5)")
     speculation.add_argument("--adaptive-draft", action="store_true", help="adapt the draft length: one more after a step that kept all, one fewer otherwise")
     telemetry_flags.add_arguments(parser)
     parser.set_defaults(handler=run)
@@ -83,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     check_int("draft_tokens", args.draft_tokens, 1, MAX_DRAFT_TOKENS)
     if args.prompt_lookup is not None:
         check_int("prompt_lookup", args.prompt_lookup, 1, MAX_DRAFT_TOKENS)
+    if args.early_exit is not None:
+        config = _early_exit_residency(config, args.early_exit, args.residency)
 
     from tracedoffload.cli.summary import format_summary, placement_figures, run_summary
     from tracedoffload.generation import FINISH_INTERRUPTED, encode_prompt, generate_once
@@ -107,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     from tracedoffload.cli import _telemetry
 
     offloader = offload(model, config)
+    if args.early_exit is not None:
+        _check_early_exit_resident(offloader, args.early_exit)
     telemetry = _telemetry.start(args, settings, offloader, name, kv_bytes_per_token(model.config, model_flags.weights_dtype(model)))
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
@@ -136,6 +143,8 @@ def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) 
     schedule = "heuristic" if args.adaptive_draft else "constant"
     if args.prompt_lookup is not None:
         return Speculation(prompt_lookup_tokens=args.prompt_lookup)
+    if args.early_exit is not None:
+        return Speculation(early_exit_layers=args.early_exit, draft_tokens=args.draft_tokens, schedule=schedule)
     if args.draft_model is None:
         return None
     from tracedoffload.models import load_model
@@ -145,6 +154,29 @@ def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) 
     draft = load_model(args.draft_model, dtype, notify=_notify).model.to(device)
     check_draft(draft, model)
     return Speculation(draft_model=draft, draft_tokens=args.draft_tokens, schedule=schedule)
+
+
+def _early_exit_residency(config: Any, layers: int, residency_flag: str | None) -> Any:
+    """The early exit's draft runs the first layers: they are the resident ones (a draft through
+    offloaded layers would stream them once more per drafted token)."""
+    check_int("early_exit", layers, 1)
+    if config is None:  # --no-offload: every layer is resident already
+        return None
+    if config.residency != "first":
+        if residency_flag is not None:
+            raise ConfigError("residency", config.residency, "first, with --early-exit (the draft runs the first layers, which must be resident)")
+        config = dataclasses.replace(config, residency="first")
+    return config
+
+
+def _check_early_exit_resident(offloader: Any, layers: int) -> None:
+    from tracedoffload.speculation import check_early_exit
+
+    try:
+        check_early_exit(layers, len(offloader.layers), offloader.resident_indices)
+    except ConfigError:
+        offloader.detach()  # the model is left as it was
+        raise
 
 
 def _notify(message: str) -> None:

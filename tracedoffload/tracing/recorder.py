@@ -39,7 +39,7 @@ from opentelemetry.trace import SpanContext, SpanKind
 
 from tracedoffload import names
 from tracedoffload.logs import bind_token, unbind_token
-from tracedoffload.timeline import LayerRecord, Timeline
+from tracedoffload.timeline import DRAFT, TRANSFER, LayerRecord, Timeline
 
 MAX_PENDING_DRAFTS = 256  # draft forwards kept for the next step (a draft run with no step after it is bounded)
 
@@ -164,6 +164,8 @@ class TracingTimeline(Timeline):
         self._start: Any = None
         self._held: tuple[StepPayload, _OpenSequence] | None = None  # a verify step waiting for its outcome
         self._drafts: list[LayerRecord] = []  # draft-model forwards since the last step
+        self._is_draft_forward: Callable[[], bool] | None = None  # early exit: which forwards draft
+        self._draft_begun: tuple[Any, int] | None = None  # a draft forward in progress: its start, its place in _drafts
 
     # -- generations (any thread) -------------------------------------------------------------------
 
@@ -232,7 +234,15 @@ class TracingTimeline(Timeline):
         if len(self._drafts) < MAX_PENDING_DRAFTS:
             self._drafts.append(record)
 
+    def draft_forwards_when(self, predicate: Callable[[], bool] | None) -> None:
+        """Early-exit self-speculation: forwards of the offloaded model itself for which
+        `predicate()` is true are drafts (`draft`), not steps. None: every forward is a step."""
+        self._is_draft_forward = predicate
+
     def step_begin(self, marker: Any, rows: int = 1, length: int = 1, cached: int | None = None) -> None:
+        if self._is_draft_forward is not None and self._is_draft_forward():
+            self._draft_begun = (marker, len(self._drafts))
+            return
         # Drafting is part of making this step's tokens: the step starts at its first draft forward.
         drafts, self._drafts = self._drafts, []
         self._start = drafts[0].start if drafts else marker
@@ -256,9 +266,20 @@ class TracingTimeline(Timeline):
         self._planned_kv = plan[1] if plan is not None else None
 
     def layer(self, record: LayerRecord) -> None:
-        self._records.append(record)
+        if self._draft_begun is None:
+            self._records.append(record)
+        elif record.kind == TRANSFER and len(self._drafts) < MAX_PENDING_DRAFTS:
+            # A copy issued during a draft forward (a prefetch of the verifying forward's first
+            # offloaded layers) is that step's transfer; the draft's layer computes are its span's.
+            self._drafts.append(record)
 
     def step_end(self, marker: Any) -> None:
+        if self._draft_begun is not None:
+            start, place = self._draft_begun
+            self._draft_begun = None
+            if len(self._drafts) < MAX_PENDING_DRAFTS:
+                self._drafts.insert(place, LayerRecord(DRAFT, -1, start, marker, 0, -1, False))
+            return
         current = self.current
         if current is None:  # a step_end without its begin (hooks attached mid-forward)
             return

@@ -184,6 +184,19 @@ class TracingSession:
 
         return remove
 
+    def trace_early_exit(self, model: Any) -> Callable[[], None]:
+        """Trace early-exit self-speculation: while transformers drafts with the model's first
+        layers (it lowers the decoder's `config.num_hidden_layers` for those forwards), each
+        forward is a `draft.forward` span under the step verifying it, not a step of its own.
+        Returns what stops it. Attach the offloader first."""
+        recorder = self._recorder
+        if recorder is None:
+            return lambda: None
+        config = getattr(model, model.base_model_prefix).config
+        full = config.num_hidden_layers
+        recorder.draft_forwards_when(lambda: config.num_hidden_layers < full)
+        return lambda: recorder.draft_forwards_when(None)
+
     def detach(self) -> None:
         """Stop tracing the attached offloader (its timeline goes back to the no-op one)."""
         if self._offloader is not None:

@@ -70,7 +70,7 @@ def _speculation_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
     rate = stats.get("acceptance_rate")
     rows = [("drafted tokens", f"{drafted}, {stats['accepted_tokens']} kept ({100 * rate:.1f}% acceptance)" if rate is not None else str(drafted))]
     if stats.get("draft_forwards"):
-        rows.append(("draft model forwards", f"{stats['draft_forwards']}  ({stats['draft_ms']:.2f} ms, inside the steps' time)"))
+        rows.append(("draft forwards", f"{stats['draft_forwards']}  ({stats['draft_ms']:.2f} ms, inside the steps' time)"))
     return rows
 
 
