@@ -14,12 +14,14 @@ import contextlib
 import signal
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tracedoffload._exceptions import TracedOffloadError
+from tracedoffload.answer import TokenLogprob, end_of_answer, token_logprobs
 
 if TYPE_CHECKING:  # annotations only: generating needs no OpenTelemetry SDK unless traced
     from tracedoffload.decoding import Decoding
@@ -41,6 +43,8 @@ class Generation(NamedTuple):
     text: str
     finish_reason: str  # FINISH_STOP, FINISH_LENGTH or FINISH_INTERRUPTED
     stop_token: str | None = None  # the end-of-sequence token that stopped it, as text
+    stop_string: str | None = None  # the caller's stop string that stopped it
+    logprobs: tuple[TokenLogprob, ...] | None = None  # per generated token, when asked for
 
 
 def encode_prompt(tokenizer: Any, prompt: str, *, system: str | None = None, raw: bool = False) -> dict[str, torch.Tensor]:
@@ -88,9 +92,11 @@ def generate_once(
     interruptible: bool = False,
     speculation: Speculation | None = None,
     decoding: Decoding | None = None,
+    stop: Sequence[str] = (),
+    logprobs: int | None = None,
 ) -> Generation:
-    """Greedy-generate up to `max_new_tokens` tokens after `prompt`, timed; traced as one
-    generation when a tracing `session` is given.
+    """Generate up to `max_new_tokens` tokens after `prompt` (greedy unless `decoding` samples),
+    timed; traced as one generation when a tracing `session` is given.
 
     Args:
         ignore_eos: generate exactly `max_new_tokens` (end-of-sequence never stops it): a
@@ -101,57 +107,17 @@ def generate_once(
         speculation: draft tokens for the model to verify (`speculation.py`); the output is the
             same, in fewer offloaded forwards when drafts are kept. A draft model's forwards are
             traced under the steps verifying them.
-        decoding: sampled instead of greedy (`decoding.py`); None: greedy.
+        decoding: how tokens are chosen (`decoding.py`); None: greedy.
+        stop: strings that end the answer (not part of its text); needs a transformers tokenizer.
+        logprobs: report each token's log-probability and this many alternatives'; None: none.
 
     Blocking: waits for the device before stopping the clock.
 
     Raises:
         TracedOffloadError: see `encode_prompt`.
     """
-    device = model.get_input_embeddings().weight.device
-    encoded = encode_prompt(tokenizer, prompt, system=system, raw=raw)
-    input_ids = encoded["input_ids"].to(device)
-    attention_mask = encoded["attention_mask"].to(device)
-    stop_ids = set() if ignore_eos else eos_ids(model)
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    limits: dict[str, Any] = {"eos_token_id": sorted(stop_ids) or None}
-    if ignore_eos:
-        # eos_token_id=None overrides the model's generation config; min_new_tokens also masks
-        # eos should a generation config put it back.
-        limits["min_new_tokens"] = max_new_tokens
-    interrupt = StopOnInterrupt() if interruptible else None
-    with contextlib.ExitStack() as stack:
-        speculative = stack.enter_context(speculation.applied(model)) if speculation is not None else {}
-        choosing = decoding.generate_kwargs() if decoding is not None else {"do_sample": False}
-        if session is not None and speculation is not None and speculation.draft_model is not None:
-            stack.callback(session.trace_draft(speculation.draft_model))
-        if session is not None and speculation is not None and speculation.early_exit_layers is not None:
-            stack.callback(session.trace_early_exit(model))
-        _synchronize(device)
-        traced = session.generation(model_name, input_ids.shape[1], max_new_tokens) if session is not None else contextlib.nullcontext()
-        started = time.perf_counter()
-        with torch.inference_mode(), traced as handle, interrupt or contextlib.nullcontext():
-            output = model.generate(
-                input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                stopping_criteria=StoppingCriteriaList([interrupt] if interrupt else []),
-                **limits,
-                **speculative,
-                **choosing,
-            )
-            new_tokens = output[0, input_ids.shape[1] :]
-            stopped = new_tokens.numel() > 0 and int(new_tokens[-1]) in stop_ids
-            finish_reason = FINISH_STOP if stopped else FINISH_INTERRUPTED if interrupt and interrupt.requested else FINISH_LENGTH
-            if handle is not None:
-                handle.output_tokens = new_tokens.numel()
-                handle.finish_reason = finish_reason
-        _synchronize(device)
-        seconds = time.perf_counter() - started
-    stop_token = tokenizer.decode([int(new_tokens[-1])], skip_special_tokens=False) if stopped else None
-    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
-    return Generation(input_ids.shape[1], new_tokens.numel(), seconds, text, finish_reason, stop_token)
+    choices = dict(ignore_eos=ignore_eos, interruptible=interruptible, speculation=speculation, decoding=decoding, stop=stop, logprobs=logprobs)
+    return _generate(model, tokenizer, [prompt], max_new_tokens, session, model_name, system=system, raw=raw, **choices)[0]
 
 
 def generate_batched(
@@ -164,21 +130,114 @@ def generate_batched(
     *,
     system: str | None = None,
     raw: bool = False,
+    samples: int = 1,
+    decoding: Decoding | None = None,
+    stop: Sequence[str] = (),
+    logprobs: int | None = None,
+    interruptible: bool = False,
 ) -> list[Generation]:
-    """Greedy-generate after every prompt in one batched `generate` (left-padded): each forward
-    serves every sequence, which is what spreads an offloaded layer's copy over the batch. Traced
-    as one generation per prompt, each with its own length and finish reason.
+    """Generate after every prompt in one batched `generate` (left-padded), `samples` answers
+    per prompt: each forward serves every sequence, which is what spreads an offloaded layer's
+    copy over the batch. Traced as one generation per answer, each with its own length and
+    finish reason. Answers come prompt by prompt, a prompt's samples together.
 
-    A sequence that reaches an end-of-sequence token stops there (`FINISH_STOP`; the batch runs
-    on until its last sequence stops, and what a finished row is fed after is not its output);
-    the others end at `max_new_tokens` (`FINISH_LENGTH`). `seconds` is the batch's wall time.
+    Samples of one prompt share each forward from the first: transformers' `generate` repeats
+    the prompt `samples` times before the prefill (`num_return_sequences`), so the prefill
+    computes it once per sample, in one forward that streams the weights once.
+
+    A sequence that reaches an end-of-sequence token or a stop string stops there
+    (`FINISH_STOP`; the batch runs on until its last sequence stops, and what a finished row is
+    fed after is not its output); the others end at `max_new_tokens` (`FINISH_LENGTH`), or
+    `FINISH_INTERRUPTED`. `seconds` is the batch's wall time. Other arguments: `generate_once`.
 
     Raises:
         TracedOffloadError: no prompts, or a prompt as `encode_prompt` refuses it.
     """
     if not prompts:
         raise TracedOffloadError("prompts=[] : give at least one prompt")
+    choices = dict(samples=samples, decoding=decoding, stop=stop, logprobs=logprobs, interruptible=interruptible)
+    return _generate(model, tokenizer, prompts, max_new_tokens, session, model_name, system=system, raw=raw, **choices)
+
+
+def _generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    session: TracingSession | None,
+    model_name: str,
+    *,
+    system: str | None,
+    raw: bool,
+    samples: int = 1,
+    ignore_eos: bool = False,
+    interruptible: bool = False,
+    speculation: Speculation | None = None,
+    decoding: Decoding | None = None,
+    stop: Sequence[str] = (),
+    logprobs: int | None = None,
+) -> list[Generation]:
     device = model.get_input_embeddings().weight.device
+    input_ids, attention_mask, lengths = _left_padded(tokenizer, prompts, system, raw)
+    width = input_ids.shape[1]
+    stop_ids = set() if ignore_eos else eos_ids(model)
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    limits: dict[str, Any] = {"eos_token_id": sorted(stop_ids) or None}
+    if ignore_eos:
+        # eos_token_id=None overrides the model's generation config; min_new_tokens also masks
+        # eos should a generation config put it back.
+        limits["min_new_tokens"] = max_new_tokens
+    if samples > 1:
+        limits["num_return_sequences"] = samples
+    if stop:
+        limits.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if logprobs is not None:
+        limits.update(return_dict_in_generate=True, output_logits=True)
+    interrupt = StopOnInterrupt() if interruptible else None
+    rows = [length for length in lengths for _ in range(samples)]
+    with contextlib.ExitStack() as stack:
+        speculative = stack.enter_context(speculation.applied(model)) if speculation is not None else {}
+        choosing = decoding.generate_kwargs(width) if decoding is not None else {"do_sample": False}
+        if session is not None and speculation is not None and speculation.draft_model is not None:
+            stack.callback(session.trace_draft(speculation.draft_model))
+        if session is not None and speculation is not None and speculation.early_exit_layers is not None:
+            stack.callback(session.trace_early_exit(model))
+        _synchronize(device)
+        if session is None:
+            traced: Any = contextlib.nullcontext([None] * len(rows))
+        elif len(rows) == 1:  # one generation: its steps keep the single-sequence shape
+            traced = _as_list(session.generation(model_name, rows[0], max_new_tokens))
+        else:
+            traced = session.generations(model_name, rows, max_new_tokens)
+        started = time.perf_counter()
+        with torch.inference_mode(), traced as handles, interrupt or contextlib.nullcontext():
+            output = model.generate(
+                input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList([interrupt] if interrupt else []),
+                **limits,
+                **speculative,
+                **choosing,
+            )
+            sequences = output.sequences if logprobs is not None else output
+            answers = [end_of_answer(tokenizer, sequences[row, width:].tolist(), stop_ids, stop) for row in range(len(rows))]
+            reasons = [FINISH_STOP if a.stopped else FINISH_INTERRUPTED if interrupt and interrupt.requested else FINISH_LENGTH for a in answers]
+            for handle, answer, reason in zip(handles, answers, reasons):
+                if handle is not None:
+                    handle.output_tokens, handle.finish_reason = len(answer.tokens), reason
+        _synchronize(device)
+        seconds = time.perf_counter() - started
+    generations = []
+    for row, (length, answer, reason) in enumerate(zip(rows, answers, reasons)):
+        entries = tuple(token_logprobs(tokenizer, output.logits, row, answer.tokens, logprobs)) if logprobs is not None else None
+        generations.append(Generation(length, len(answer.tokens), seconds, answer.text, reason, answer.stop_token, answer.stop_string, entries))
+    return generations
+
+
+def _left_padded(tokenizer: Any, prompts: list[str], system: str | None, raw: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The prompts' ids, left-padded to one width, their attention mask, and their lengths."""
     encoded = [encode_prompt(tokenizer, prompt, system=system, raw=raw)["input_ids"][0] for prompt in prompts]
     lengths = [len(ids) for ids in encoded]
     width = max(lengths)
@@ -188,41 +247,13 @@ def generate_batched(
     for row, ids in enumerate(encoded):
         input_ids[row, width - len(ids) :] = ids
         attention_mask[row, width - len(ids) :] = 1
-    stop_ids = eos_ids(model)
-    _synchronize(device)
-    traced = session.generations(model_name, lengths, max_new_tokens) if session is not None else contextlib.nullcontext([None] * len(prompts))
-    started = time.perf_counter()
-    with torch.inference_mode(), traced as handles:
-        output = model.generate(
-            input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=sorted(stop_ids) or None,
-        )
-        results = []
-        for row, handle in enumerate(handles):
-            new_tokens = output[row, width:].tolist()
-            end = next((n + 1 for n, token in enumerate(new_tokens) if token in stop_ids), None)
-            kept = new_tokens[:end] if end is not None else new_tokens
-            finish_reason = FINISH_STOP if end is not None else FINISH_LENGTH
-            if handle is not None:
-                handle.output_tokens, handle.finish_reason = len(kept), finish_reason
-            results.append((kept, finish_reason))
-    _synchronize(device)
-    seconds = time.perf_counter() - started
-    return [
-        Generation(
-            length,
-            len(kept),
-            seconds,
-            tokenizer.decode(kept, skip_special_tokens=True),
-            finish_reason,
-            tokenizer.decode(kept[-1:], skip_special_tokens=False) if finish_reason == FINISH_STOP else None,
-        )
-        for length, (kept, finish_reason) in zip(lengths, results)
-    ]
+    return input_ids, attention_mask, lengths
+
+
+@contextlib.contextmanager
+def _as_list(generation: Any) -> Iterator[list[Any]]:
+    with generation as handle:
+        yield [handle]
 
 
 class StopOnInterrupt(StoppingCriteria):

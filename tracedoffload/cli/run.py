@@ -20,6 +20,7 @@ from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
 from tracedoffload.cli import EXIT_INTERRUPTED, model_flags, telemetry_flags
 from tracedoffload.cli.progress import end_progress_line
+from tracedoffload.answer import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, check_stop, check_top_logprobs
 from tracedoffload.decoding import Decoding
 from tracedoffload.speculation import MAX_DRAFT_TOKENS
 
@@ -27,6 +28,7 @@ from tracedoffload.speculation import MAX_DRAFT_TOKENS
 # a bad flag answer before they would have finished importing (seconds).
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
+MAX_SAMPLES = 8  # as many answers as `serve` gives one request (`n`)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +51,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sampling.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
     sampling.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the most likely one's probability (default 0: off)")
     sampling.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages tokens already in the prompt or answer (default 1: off; greedy too)")
-    sampling.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampling: the same seed, the same answer")
+    sampling.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampling: the same seed, the same answer(s)")
+    sampling.add_argument("--presence-penalty", type=float, default=0.0, help="-2 to 2: minus this for each token already in the answer (default 0: off; greedy too)")
+    sampling.add_argument("--frequency-penalty", type=float, default=0.0, help="-2 to 2: minus this times each token's count in the answer (default 0: off; greedy too)")
+    sampling.add_argument("--num-samples", type=int, default=1, metavar="N", help=f"N answers to the prompt (1 to {MAX_SAMPLES}), sampled together in one batch (default 1)")
+    answers = parser.add_argument_group("answers")
+    answers.add_argument("--stop", action="append", default=[], metavar="TEXT", help=f"end the answer before this text (repeat, up to {MAX_STOP_STRINGS})")
+    answers.add_argument("--logprobs", type=int, metavar="K", help=f"print each token's log-probability and the K most likely tokens' (0 to {MAX_TOP_LOGPROBS})")
     speculation = parser.add_argument_group("speculative decoding (the same greedy output, in fewer offloaded forwards when drafts are kept)")
     drafts = speculation.add_mutually_exclusive_group()
     drafts.add_argument("--prompt-lookup", type=int, metavar="N", help="draft up to N tokens per step from n-gram matches in the prompt (no draft model)")
@@ -82,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     # before torch and transformers are imported.
     settings = telemetry_flags.check_arguments(args)
     config = model_flags.offload_config(args)
-    decoding = Decoding(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty, args.sampling_seed)
+    decoding = Decoding(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty, args.sampling_seed, args.presence_penalty, args.frequency_penalty)
+    stop, logprobs = check_stop(args.stop), check_top_logprobs(args.logprobs)
+    _check_samples(args, decoding)
     check_int("draft_tokens", args.draft_tokens, 1, MAX_DRAFT_TOKENS)
     if args.prompt_lookup is not None:
         check_int("prompt_lookup", args.prompt_lookup, 1, MAX_DRAFT_TOKENS)
@@ -90,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         config = _early_exit_residency(config, args.early_exit, args.residency)
 
     from tracedoffload.cli.summary import format_summary, placement_figures, run_summary
-    from tracedoffload.generation import FINISH_INTERRUPTED, encode_prompt, generate_once
+    from tracedoffload.generation import FINISH_INTERRUPTED, encode_prompt, generate_batched, generate_once
     from tracedoffload.layers import find_decoder_layers
     from tracedoffload.models import load_model
     from tracedoffload.offloader import offload, resolve_device
@@ -101,14 +111,24 @@ def run(args: argparse.Namespace) -> int:
     _notify(f"loading {args.model or 'the default model'}")
     loaded = load_model(args.model, dtype, seed=args.seed, notify=_notify)
     model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
-    prompting: dict[str, Any] = {"system": args.system, "raw": args.raw, "interruptible": True, "speculation": _speculation(args, model, dtype, device), "decoding": decoding}
+    if stop and not hasattr(tokenizer, "get_vocab"):
+        raise ConfigError("stop", list(stop), f"no stop strings with {type(tokenizer).__name__}: transformers matches them against a tokenizer's vocabulary, which it has not")
+    prompting: dict[str, Any] = {"system": args.system, "raw": args.raw, "interruptible": True, "decoding": decoding, "stop": stop, "logprobs": logprobs}
+    if args.num_samples == 1:
+        prompting["speculation"] = _speculation(args, model, dtype, device)
     encode_prompt(tokenizer, args.prompt, system=args.system, raw=args.raw)  # a prompt error stops the run before the offloader attaches
+
+    def generate(*tracing: Any) -> list[Any]:
+        if args.num_samples == 1:
+            return [generate_once(model, tokenizer, args.prompt, args.max_new_tokens, *tracing, **prompting)]
+        return generate_batched(model, tokenizer, [args.prompt], args.max_new_tokens, *tracing, samples=args.num_samples, **prompting)
+
     if config is None:
         model.to(device)
-        generation = generate_once(model, tokenizer, args.prompt, args.max_new_tokens, **prompting)
-        summary = run_summary(name, placement_figures(None, len(find_decoder_layers(model)[1]), device), generation, None, args.max_new_tokens)
+        generations = generate()
+        summary = run_summary(name, placement_figures(None, len(find_decoder_layers(model)[1]), device), generations, None, args.max_new_tokens)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
-        return EXIT_INTERRUPTED if generation.finish_reason == FINISH_INTERRUPTED else 0
+        return EXIT_INTERRUPTED if generations[0].finish_reason == FINISH_INTERRUPTED else 0
     from tracedoffload.cli import _telemetry
 
     offloader = offload(model, config)
@@ -117,14 +137,14 @@ def run(args: argparse.Namespace) -> int:
     telemetry = _telemetry.start(args, settings, offloader, name, kv_bytes_per_token(model.config, model_flags.weights_dtype(model)))
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
-        generation = generate_once(model, tokenizer, args.prompt, args.max_new_tokens, telemetry.session, name, **prompting)
+        generations = generate(telemetry.session, name)
         telemetry.finish_statistics()
     except BaseException:
         telemetry.close()  # what was traced before the failure is still sent, within the budget
         raise
     finally:
         offloader.detach()
-    summary = run_summary(name, placement, generation, telemetry.stats, args.max_new_tokens)
+    summary = run_summary(name, placement, generations, telemetry.stats, args.max_new_tokens)
     summary["trace_file"] = str(settings.trace_file) if settings.trace_file and telemetry.session else None
     summary["perfetto_file"] = str(settings.perfetto) if settings.perfetto and telemetry.session else None
     summary["step_traces_exported"] = settings.sampling.level in ("token", "layer") and telemetry.exports_spans
@@ -133,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
     telemetry.flush_exports()
     telemetry.linger_and_close(args.metrics_linger)
-    return EXIT_INTERRUPTED if generation.finish_reason == FINISH_INTERRUPTED else 0
+    return EXIT_INTERRUPTED if generations[0].finish_reason == FINISH_INTERRUPTED else 0
 
 
 def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) -> Any:
@@ -154,6 +174,17 @@ def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) 
     draft = load_model(args.draft_model, dtype, notify=_notify).model.to(device)
     check_draft(draft, model)
     return Speculation(draft_model=draft, draft_tokens=args.draft_tokens, schedule=schedule)
+
+
+def _check_samples(args: argparse.Namespace, decoding: Decoding) -> None:
+    check_int("num_samples", args.num_samples, 1, MAX_SAMPLES)
+    if args.num_samples == 1:
+        return
+    if not decoding.sampled:
+        raise ConfigError("num_samples", args.num_samples, "1 unless sampling (greedy answers would all be the same): give a temperature above 0 too")
+    speculating = next((flag for flag, value in (("--prompt-lookup", args.prompt_lookup), ("--draft-model", args.draft_model), ("--early-exit", args.early_exit)) if value is not None), None)
+    if speculating:
+        raise ConfigError("num_samples", args.num_samples, f"1 with {speculating} (transformers speculates at batch 1 only)")
 
 
 def _early_exit_residency(config: Any, layers: int, residency_flag: str | None) -> Any:

@@ -3,6 +3,7 @@ statistics (aggregated from the run's spans by the tracing core), and their text
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from tracedoffload.generation import FINISH_INTERRUPTED, FINISH_STOP
@@ -27,30 +28,45 @@ def placement_figures(offloader: Any, num_layers: int, device: Any) -> dict[str,
     }
 
 
-def run_summary(model_name: str, placement: dict[str, Any], generation: Any, stats: dict[str, Any] | None, max_new_tokens: int) -> dict[str, Any]:
-    """The figures `tracedoffload run` prints, as a JSON-ready dict.
+def run_summary(model_name: str, placement: dict[str, Any], generations: Sequence[Any], stats: dict[str, Any] | None, max_new_tokens: int) -> dict[str, Any]:
+    """The figures `tracedoffload run` prints, as a JSON-ready dict: the first (or only)
+    answer's at the top, and every answer under `samples` when there are several.
 
     Args:
         model_name: the model's display name.
         placement: from `placement_figures`.
-        generation: a `tracedoffload.generation.Generation` (token counts, seconds, text, why it stopped).
+        generations: `tracedoffload.generation.Generation`s, one per sample (token counts,
+            seconds, text, why it stopped, log-probabilities when asked for).
         stats: the tracing session's statistics, or None when the run was not traced.
         max_new_tokens: the run's maximum, for the stop reason's text.
     """
-    tokens, seconds = generation.generated_tokens, generation.seconds
-    return {
+    first, seconds = generations[0], generations[0].seconds
+    tokens = sum(g.generated_tokens for g in generations)
+    summary = {
         "model": model_name,
         **placement,
-        "prompt_tokens": generation.prompt_tokens,
+        "prompt_tokens": first.prompt_tokens,
         "generated_tokens": tokens,
         "wall_s": seconds,
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "ms_per_token": 1e3 * seconds / tokens if tokens else 0.0,
-        "finish_reason": generation.finish_reason,
-        "stop_reason": _stop_reason(generation, max_new_tokens),
         "stats": stats,
-        "output_text": generation.text,
+        **_answer(first, max_new_tokens),
     }
+    if len(generations) > 1:
+        summary["samples"] = [{"generated_tokens": g.generated_tokens, **_answer(g, max_new_tokens)} for g in generations]
+    return summary
+
+
+def _answer(generation: Any, max_new_tokens: int) -> dict[str, Any]:
+    answer = {"finish_reason": generation.finish_reason, "stop_reason": _stop_reason(generation, max_new_tokens), "output_text": generation.text}
+    if generation.logprobs is not None:
+        # OpenAI's chat shape: the chosen token's log-probability and the alternatives'.
+        answer["logprobs"] = [
+            {"token": entry.token, "logprob": entry.logprob, "top_logprobs": [{"token": token, "logprob": value} for token, value in entry.top]}
+            for entry in generation.logprobs
+        ]
+    return answer
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -81,10 +97,23 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines += ["", stats_table(stats), slowest_steps(stats, 5, exported=summary.get("step_traces_exported", True))]
     elif summary["offload"]:
         lines += ["", "offload statistics: none (tracing was off: --trace-level off)"]
-    return "\n".join([*lines, "output:", _printable(summary["output_text"])])
+    answers = summary.get("samples") or [summary]
+    for number, answer in enumerate(answers, 1):
+        heading = f"output (sample {number} of {len(answers)}, {answer['generated_tokens']} tokens, stopped {answer['stop_reason']}):" if len(answers) > 1 else "output:"
+        lines += [heading, _printable(answer["output_text"])]
+        if "logprobs" in answer:
+            lines += ["log-probabilities (token, its log-probability, the most likely tokens):", *map(_logprob_line, answer["logprobs"])]
+    return "\n".join(lines)
+
+
+def _logprob_line(entry: dict[str, Any]) -> str:
+    alternatives = ", ".join(f"{_printable(repr(a['token']))} {a['logprob']:.4f}" for a in entry["top_logprobs"])
+    return f"  {_printable(repr(entry['token'])):<16} {entry['logprob']:>9.4f}  {alternatives}"
 
 
 def _stop_reason(generation: Any, max_new_tokens: int) -> str:
+    if generation.stop_string is not None:
+        return f"at the stop string {generation.stop_string!r}"
     if generation.finish_reason == FINISH_STOP:
         return f"at the end-of-turn token {generation.stop_token!r}"
     if generation.finish_reason == FINISH_INTERRUPTED:
