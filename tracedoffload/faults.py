@@ -1,4 +1,5 @@
-"""Fault injection: real leaks on real allocations, so leak detection is proven, not assumed.
+"""Fault injection: real leaks on real allocations, so leak detection is proven, not assumed; a
+corrupted copy, so `verify` is proven to find one.
 
 - "host" reproduces seed 003's leak: every transfer makes a fresh pinned copy of the layer's host
   buffer and keeps it (a plain host copy where pinning is unavailable, e.g. without CUDA).
@@ -69,3 +70,30 @@ def inject_leak(offloader: Offloader, kind: str) -> LeakInjector:
     injector = LeakInjector(offloader.timeline, offloader, kind)
     offloader.timeline = injector
     return injector
+
+
+class CorruptTransfers(Timeline):
+    """Zeroes the device copy of offloaded layer `layer` after each of its transfers, so that
+    `verify` has a divergence to find: a drill for a copy path that cannot be trusted.
+
+    The zeros are copied like the layer itself (`streams.copy`, the copy stream on CUDA): they
+    land after the layer's copy and before its forward reads the slot, whatever the streams. The
+    host copy is untouched, so the model is whole again once the offloader is detached."""
+
+    def __init__(self, inner: Timeline, offloader: Offloader, layer: int) -> None:
+        import torch
+
+        self.inner, self.offloader, self.layer_index = inner, offloader, layer
+        self._zeros = torch.zeros(offloader.layer_bytes(layer), dtype=torch.uint8)
+
+    def step_begin(self, marker: object, rows: int = 1, length: int = 1, cached: int | None = None) -> None:
+        self.inner.step_begin(marker, rows, length, cached)
+
+    def layer(self, record: LayerRecord) -> None:
+        self.inner.layer(record)
+        if record.kind == TRANSFER and record.layer_index == self.layer_index:
+            slot = self.offloader._slot_of[self.layer_index]  # a drill reaches into the slot it spoils
+            self.offloader.streams.copy(slot.flat[: self._zeros.numel()], self._zeros, slot.fences, timed=False)
+
+    def step_end(self, marker: object) -> None:
+        self.inner.step_end(marker)

@@ -45,6 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--system", metavar="TEXT", help="a system message before the prompt (models with a chat template)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the tokenizer's chat template")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--verify", action="store_true", help="compare with every layer resident instead, greedy: exit 1 where they diverge (as `tracedoffload verify`)")
     sampling = parser.add_argument_group("sampling (greedy unless --temperature is above 0)")
     sampling.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this probability (default 1: off)")
@@ -84,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ConfigError("max_new_tokens", args.max_new_tokens, "an integer >= 1")
+    if args.verify:
+        return _verify(args)
     # Log lines go to stderr so that stdout carries only the summary (parseable with --json).
     configure_logging(args.log_format, args.log_level, stream=_CurrentStderr())
     # Validate everything that needs no model before loading one: bad flags fail fast, and
@@ -174,6 +177,23 @@ def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) 
     draft = load_model(args.draft_model, dtype, notify=_notify).model.to(device)
     check_draft(draft, model)
     return Speculation(draft_model=draft, draft_tokens=args.draft_tokens, schedule=schedule)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """`run --verify`: `tracedoffload verify` with run's model, offload and prompt flags."""
+    from tracedoffload.cli.verify import verify
+    from tracedoffload.verify import DEFAULT_ATOL
+
+    generating = {
+        "temperature": args.temperature > 0, "num_samples": args.num_samples != 1, "prompt_lookup": args.prompt_lookup is not None,
+        "draft_model": args.draft_model is not None, "early_exit": args.early_exit is not None, "stop": bool(args.stop), "logprobs": args.logprobs is not None,
+        "presence_penalty": args.presence_penalty != 0, "frequency_penalty": args.frequency_penalty != 0, "repetition_penalty": args.repetition_penalty != 1,
+    }
+    field = next((name for name, given in generating.items() if given), None)
+    if field is not None:
+        raise ConfigError(field, getattr(args, field), "not with --verify, which compares greedy answers")
+    args.atol, args.corrupt_layer = DEFAULT_ATOL, None
+    return verify(args)
 
 
 def _check_samples(args: argparse.Namespace, decoding: Decoding) -> None:
