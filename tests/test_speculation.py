@@ -75,17 +75,6 @@ class TestPromptLookup:
         assert stats["accepted_tokens"] == sum(a[names.STEP_ACCEPTED_TOKENS] for a in verified)
         assert stats["acceptance_rate"] == round(stats["accepted_tokens"] / stats["drafted_tokens"], 4)
 
-    def test_the_default_model_says_the_same_with_and_without_it(self, default_model):
-        model, tokenizer = default_model.model, default_model.tokenizer
-        prompt = "Copy this line exactly: red green blue yellow red green blue yellow red green blue"
-        offloader = offload(model, OffloadConfig(preset="balanced"))
-        try:
-            plain_answer = generate_once(model, tokenizer, prompt, 24)
-            speculated = generate_once(model, tokenizer, prompt, 24, speculation=Speculation(prompt_lookup_tokens=6))
-        finally:
-            offloader.detach()
-        assert speculated.text == plain_answer.text and speculated.finish_reason == plain_answer.finish_reason
-
 
 def draft_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     """A smaller Llama with the tiny one's vocabulary; with seed 0 its layers are the tiny
@@ -223,3 +212,20 @@ class TestSettings:
     def test_run_refuses_a_bad_prompt_lookup_by_name(self):
         result = subprocess.run([sys.executable, "-m", "tracedoffload", "run", "--prompt-lookup", "0"], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "prompt_lookup" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "speculation, residency",
+    [(Speculation(prompt_lookup_tokens=6), "interleaved"), (Speculation(early_exit_layers=8, draft_tokens=4), "first")],
+    ids=["prompt lookup", "early exit"],
+)
+def test_the_default_model_says_the_same_with_and_without_speculation(default_model, speculation, residency):
+    model, tokenizer = default_model.model, default_model.tokenizer
+    prompt = "Copy this line exactly: red green blue yellow red green blue yellow red green blue"
+    offloader = offload(model, OffloadConfig(preset="balanced", residency=residency))
+    try:
+        plain_answer = generate_once(model, tokenizer, prompt, 24)
+        speculated = generate_once(model, tokenizer, prompt, 24, speculation=speculation)
+    finally:
+        offloader.detach()
+    assert speculated.text == plain_answer.text and speculated.finish_reason == plain_answer.finish_reason
