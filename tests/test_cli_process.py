@@ -39,7 +39,7 @@ def imported_after(*argv: str) -> tuple[list[str], str]:
 class TestStartUp:
     @pytest.mark.parametrize(
         "argv",
-        [["--help"], ["run", "--help"], ["plan", "--help"], ["report", "--help"], ["run", "--preset", "ludicrous"],
+        [["--help"], ["run", "--help"], ["plan", "--help"], ["report", "--help"], ["verify", "--help"], ["run", "--preset", "ludicrous"], ["verify", "--atol", "-1"],
          ["run", "--dtype", "int8"], ["run", "--max-new-tokens", "0"], ["report", "/no/such/file.jsonl"]],
         ids=lambda argv: " ".join(argv),
     )

@@ -15,13 +15,14 @@ transfers (`faults.CorruptTransfers`): the verdict must then name a position.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tracedoffload._exceptions import ConfigError, TracedOffloadError
-from tracedoffload.config import OffloadConfig
-from tracedoffload.generation import encode_prompt, eos_ids
+
+if TYPE_CHECKING:  # torch is imported where it is used: the command line reads DEFAULT_ATOL without it
+    import torch
+
+    from tracedoffload.config import OffloadConfig
 
 DEFAULT_ATOL = 1e-3
 
@@ -71,6 +72,9 @@ def verify_offload(
         TracedOffloadError: the model does not fit on the device with every layer resident; a
             prompt `encode_prompt` refuses.
     """
+    import torch
+
+    from tracedoffload.generation import encode_prompt
     from tracedoffload.offloader import offload, resolve_device
 
     if not atol >= 0:
@@ -99,6 +103,10 @@ def verify_offload(
 
 def _greedy(model: torch.nn.Module, tokenizer: Any, encoded: dict[str, torch.Tensor], max_new_tokens: int, device: torch.device) -> tuple[list[int], list[torch.Tensor]]:
     """The generated tokens and, per position, the raw logits (on the host, float32)."""
+    import torch
+
+    from tracedoffload.generation import eos_ids
+
     stop = sorted(eos_ids(model)) or None
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     with torch.inference_mode():
