@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from tracedoffload._checks import check_int
@@ -43,6 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--system", metavar="TEXT", help="a system message before the prompt (models with a chat template)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the tokenizer's chat template")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--html",
+        type=Path,
+        metavar="OUT",
+        help="also write an HTML report of the run's spans to OUT (charts, statistics; needs plotly: pip install 'tracedoffload[report]')",
+    )
     sampling = parser.add_argument_group("sampling (greedy unless --temperature is above 0)")
     sampling.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this probability (default 1: off)")
@@ -79,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     # before torch and transformers are imported.
     settings = telemetry_flags.check_arguments(args)
     config = model_flags.offload_config(args)
+    if args.html is not None:
+        _check_html(args, settings, config)
     decoding = Decoding(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty, args.sampling_seed)
     check_int("draft_tokens", args.draft_tokens, 1, MAX_DRAFT_TOKENS)
     if args.prompt_lookup is not None:
@@ -107,7 +116,12 @@ def run(args: argparse.Namespace) -> int:
     from tracedoffload.cli import _telemetry
 
     offloader = offload(model, config)
-    telemetry = _telemetry.start(args, settings, offloader, name, kv_bytes_per_token(model.config, model_flags.weights_dtype(model)))
+    collector = None
+    if args.html is not None:
+        from tracedoffload.report.span_collector import ReportSpanCollector
+
+        collector = ReportSpanCollector()
+    telemetry = _telemetry.start(args, settings, offloader, name, kv_bytes_per_token(model.config, model_flags.weights_dtype(model)), collector)
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
         generation = generate_once(model, tokenizer, args.prompt, args.max_new_tokens, telemetry.session, name, **prompting)
@@ -125,8 +139,32 @@ def run(args: argparse.Namespace) -> int:
     # The summary first: a collector that is down must not hold what the run measured.
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
     telemetry.flush_exports()
+    if collector is not None:
+        _write_html(args.html, collector, name)
     telemetry.linger_and_close(args.metrics_linger)
     return EXIT_INTERRUPTED if generation.finish_reason == FINISH_INTERRUPTED else 0
+
+
+def _check_html(args: argparse.Namespace, settings: Any, config: Any) -> None:
+    """--html is checked with the other flags, before any model loads: its path, that the run
+    will have step spans to draw, and that plotly is installed."""
+    from tracedoffload.report.dependency import require_plotly
+    from tracedoffload.report.output import FIELD, check_html_path
+
+    check_html_path(args.html)
+    if config is None:
+        raise ConfigError(FIELD, str(args.html), "an offloaded run: with --no-offload nothing is traced")
+    if settings.sampling.level not in ("token", "layer"):
+        raise ConfigError(FIELD, str(args.html), f"a run traced at --trace-level token or layer (the report is drawn from the step spans), not {settings.sampling.level}")
+    require_plotly()
+
+
+def _write_html(path: Path, collector: Any, model_name: str) -> None:
+    """The report of the spans the run exported, once they were all handed over (after the flush)."""
+    from tracedoffload.report.page import write_report
+
+    size = write_report(path, collector.digest_now(), f"run of {model_name}")
+    _notify(f"wrote the HTML report {path} ({size / 1e6:.1f} MB)")
 
 
 def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) -> Any:
