@@ -2,6 +2,7 @@
 
     digest.py          one pass over the spans: what every chart needs, and the statistics
     step_row.py        the figures of one step span that the charts read
+    step_axis.py       the step axis the per-step charts share
     detailed_step.py   the layer spans of the slowest step that has them (the stream chart's)
     span_collector.py  a span exporter feeding a digest during `run --html` (no file read back)
     latency_chart.py, layer_heatmap.py, stream_gantt.py, memory_chart.py: one chart each

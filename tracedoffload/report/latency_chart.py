@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 
 from tracedoffload import names
 from tracedoffload.report.section import Section
+from tracedoffload.report.step_axis import step_axis
 from tracedoffload.report.step_row import StepRow
 
 _HOVER = "step %{x}<br>%{y:.3f} ms<br>%{customdata[1]}, layer detail: %{customdata[2]}<br>trace %{customdata[0]}<extra></extra>"
@@ -47,14 +48,14 @@ def latency_section(steps: list[StepRow], stats: dict[str, Any]) -> Section:
         figure.add_trace(_marked(slow, f"slow by the tail rule ({names.EVENT_SLOW_STEP})", {"symbol": "x", "size": 9, "color": "#ff7f0e"}))
     else:
         notes.append(
-            f"No step was called slow by the tail rule ({names.STEP_SAMPLED_BY} {' or '.join(names.SLOW_STEP_REASONS)}): none was slow enough, "
+            f"No step was called slow by the tail rule ({names.STEP_SAMPLED_BY} {' or '.join(names.SLOW_STEP_REASONS)}): none was slower than its thresholds (the relative one needs some steps first), "
             "or every step was exported (full detail), which leaves the rule nothing to pick."
         )
     figure.update_layout(
         template="plotly_white",
         height=380,
         margin={"l": 60, "r": 20, "t": 30, "b": 50},
-        xaxis_title=f"step ({names.STEP_INDEX})",
+        xaxis=step_axis(len(steps)),
         yaxis_title="ms",
         legend={"orientation": "h", "y": 1.12},
         hovermode="closest",

@@ -12,6 +12,7 @@ from plotly.subplots import make_subplots
 
 from tracedoffload import names
 from tracedoffload.report.section import Section
+from tracedoffload.report.step_axis import step_axis
 from tracedoffload.report.step_row import StepRow
 
 # (title, the step span's array, the StepRow field holding it)
@@ -57,7 +58,7 @@ def layer_heatmap_section(steps: list[StepRow]) -> Section:
             col=1,
         )
         figure.update_yaxes(title_text="layer", row=position, col=1)
-    figure.update_xaxes(title_text=f"step ({names.STEP_INDEX})", row=len(present), col=1)
+    figure.update_xaxes(step_axis(len(steps)), row=len(present), col=1)
     figure.update_layout(template="plotly_white", height=_ROW_HEIGHT_PX * len(present) + 80, margin={"l": 60, "r": 20, "t": 40, "b": 50})
     return Section("layers", title, description, figure=figure, notes=notes)
 

@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 
 from tracedoffload import names
 from tracedoffload.report.section import Section
+from tracedoffload.report.step_axis import step_axis
 from tracedoffload.report.step_row import StepRow
 
 MIB = 2**20
@@ -61,14 +62,14 @@ def memory_section(steps: list[StepRow]) -> Section:
                     y=expected,
                     mode="lines",
                     line={"dash": "dash"},
-                    name=f"{label}: first reading + expected KV growth ({per_token} B/token)",
+                    name=f"{label}: first reading + expected KV growth ({per_token} bytes per token)",
                     hovertemplate="step %{x}<br>expected %{y:.2f} MiB<extra></extra>",
                 ),
                 row=position,
                 col=1,
             )
         figure.update_yaxes(title_text="MiB", row=position, col=1)
-    figure.update_xaxes(title_text=f"step ({names.STEP_INDEX})", row=len(present), col=1)
+    figure.update_xaxes(step_axis(len(steps)), row=len(present), col=1)
     figure.update_layout(template="plotly_white", height=300 * len(present) + 60, margin={"l": 60, "r": 20, "t": 40, "b": 50}, legend={"orientation": "h", "y": -0.25})
     return Section("memory", title, description, figure=figure, notes=tuple(notes))
 
