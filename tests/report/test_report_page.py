@@ -105,6 +105,15 @@ class TestMissingData:
         assert f"No expected KV growth: the step spans carry no {names.MEMORY_KV_EXPECTED_BYTES_PER_TOKEN}" in page
         assert "expected KV growth (" not in page
 
+    def test_two_runs_in_one_file_are_named_as_such(self, capsys, tmp_path, layer_run: TracedRun, token_run: TracedRun):
+        """Two runs' lines in one file (what `run --append` writes): the page says the step
+        indices repeat; a single run's page does not."""
+        both = tmp_path / "appended.otlp.jsonl"
+        both.write_text(layer_run.trace.read_text() + token_run.trace.read_text())
+        note = f"{names.STEP_INDEX} repeats in these spans: they hold more than one run"
+        assert note in report_html(capsys, both, tmp_path / "appended.html")
+        assert note not in layer_run.html.read_text()
+
     @pytest.mark.parametrize("flag", ["--json", None])
     def test_report_still_prints_the_statistics_with_html(self, capsys, tmp_path, layer_run: TracedRun, flag):
         argv = ["report", str(layer_run.trace), "--html", str(tmp_path / "r.html"), *([flag] if flag else [])]

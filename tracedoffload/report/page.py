@@ -10,6 +10,7 @@ from typing import Any
 
 from plotly.offline import get_plotlyjs
 
+from tracedoffload import names
 from tracedoffload._exceptions import TracedOffloadError
 from tracedoffload.report.digest import TraceDigest
 from tracedoffload.report.latency_chart import latency_section
@@ -66,6 +67,7 @@ def build_page(digest: TraceDigest, source: str, slowest: int = SLOWEST_KEPT) ->
             "<body>",
             f"<h1>{html.escape(title)}</h1>",
             f'<p class="summary">{html.escape(_summary(stats, steps))}</p>',
+            *_file_notes(steps),
             *(section.to_html() for section in sections),
             "</body>",
             "</html>",
@@ -80,6 +82,15 @@ def write_report(path: Path, digest: TraceDigest, source: str, slowest: int = SL
         TracedOffloadError: no step spans, or the file cannot be written (naming `html`).
     """
     return write_atomically(path, build_page(digest, source, slowest))
+
+
+def _file_notes(steps: list[Any]) -> list[str]:
+    """What the reader should know about the file before the charts."""
+    if len({row.index for row in steps}) < len(steps):
+        # Each session counts its steps from 0: two runs in one file (`run --append`) share indices.
+        note = f"{names.STEP_INDEX} repeats in these spans: they hold more than one run (a trace file written with --append), which the per-step charts draw over each other."
+        return [f'<p class="note">{html.escape(note)}</p>']
+    return []
 
 
 def _summary(stats: dict[str, Any], steps: list[Any]) -> str:
