@@ -139,9 +139,11 @@ def run(args: argparse.Namespace) -> int:
     # The summary first: a collector that is down must not hold what the run measured.
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
     telemetry.flush_exports()
-    if collector is not None:
-        _write_html(args.html, collector, name)
-    telemetry.linger_and_close(args.metrics_linger)
+    try:
+        if collector is not None:
+            _write_html(args.html, collector, name)
+    finally:
+        telemetry.linger_and_close(args.metrics_linger)  # the metrics endpoint closed even when the page is not written
     return EXIT_INTERRUPTED if generation.finish_reason == FINISH_INTERRUPTED else 0
 
 
