@@ -7,8 +7,6 @@ import contextlib
 import dataclasses
 import http.server
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,15 +19,13 @@ from pathlib import Path
 
 import yaml
 
+from tests.debian_packages import apt_install, binary
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "collectors" / "prometheus" / "alerts.yml"
 ALERTMANAGER_CONFIG = ROOT / "collectors" / "alertmanager" / "alertmanager.yml"
 PACKAGES = ("prometheus", "prometheus-alertmanager")
 _installed = False
-
-
-def binary(*names: str) -> str | None:
-    return next((path for path in map(shutil.which, names) if path), None)
 
 
 def ensure_debian_packages() -> None:
@@ -38,11 +34,7 @@ def ensure_debian_packages() -> None:
     if _installed or all(binary(n) for n in ("promtool", "prometheus")) and binary("prometheus-alertmanager", "alertmanager"):
         _installed = True
         return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr[-2000:]}")
+    apt_install(*PACKAGES)
     _installed = True
 
 

@@ -89,6 +89,10 @@ STEP_SEQUENCE_PHASES = "step.sequence.phases"
 STEP_SEQUENCE_TOKENS = "step.sequence.tokens"
 STEP_LAYER_DETAIL = "step.layer_detail"  # True when this step's layer spans were exported
 STEP_SAMPLED_BY = "step.sampled_by"  # why: first, slow, relative, every_n, all, none
+SAMPLED_BY_SLOW = "slow"  # slower than the absolute threshold (--slow-token-ms)
+SAMPLED_BY_RELATIVE = "relative"  # slower than the running p95 times --relative-p95
+# The reasons that make a step a slow one: such a step also carries the EVENT_SLOW_STEP event.
+SLOW_STEP_REASONS = (SAMPLED_BY_SLOW, SAMPLED_BY_RELATIVE)
 # Per-step sums over its layer spans, so totals survive sampled export (see stats.py).
 STEP_COMPUTE_NS = "step.compute_ns"
 STEP_TRANSFER_NS = "step.transfer_ns"
@@ -139,6 +143,9 @@ MEMORY_DEVICE_ALLOCATED = "memory.device.allocated_bytes"
 MEMORY_DEVICE_ALLOCATED_DELTA = "memory.device.allocated_delta_bytes"
 MEMORY_DEVICE_RESERVED = "memory.device.reserved_bytes"
 MEMORY_PINNED = "memory.host.pinned_bytes"
+# The KV-cache growth per token the planner expects (what the leak detector allows for each token
+# held; 0 for a cache allocated up front): with step.kv_tokens, the growth memory should show.
+MEMORY_KV_EXPECTED_BYTES_PER_TOKEN = "memory.kv_cache.expected_bytes_per_token"
 
 
 # == metrics ===================================================================================

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from tracedoffload._checks import check_int
@@ -46,6 +47,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the tokenizer's chat template")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--verify", action="store_true", help="compare with every layer resident instead, greedy: exit 1 where they diverge (as `tracedoffload verify`)")
+    parser.add_argument(
+        "--html",
+        type=Path,
+        metavar="OUT",
+        help="also write an HTML report of the run's spans to OUT (charts, statistics; needs plotly: pip install 'tracedoffload[report]')",
+    )
     sampling = parser.add_argument_group("sampling (greedy unless --temperature is above 0)")
     sampling.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this probability (default 1: off)")
@@ -93,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     # before torch and transformers are imported.
     settings = telemetry_flags.check_arguments(args)
     config = model_flags.offload_config(args)
+    if args.html is not None:
+        _check_html(args, settings, config)
     decoding = Decoding(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty, args.sampling_seed, args.presence_penalty, args.frequency_penalty)
     stop, logprobs = check_stop(args.stop), check_top_logprobs(args.logprobs)
     _check_samples(args, decoding)
@@ -137,7 +146,12 @@ def run(args: argparse.Namespace) -> int:
     offloader = offload(model, config)
     if args.early_exit is not None:
         _check_early_exit_resident(offloader, args.early_exit)
-    telemetry = _telemetry.start(args, settings, offloader, name, kv_bytes_per_token(model.config, model_flags.weights_dtype(model)))
+    collector = None
+    if args.html is not None:
+        from tracedoffload.report.span_collector import ReportSpanCollector
+
+        collector = ReportSpanCollector()
+    telemetry = _telemetry.start(args, settings, offloader, name, kv_bytes_per_token(model.config, model_flags.weights_dtype(model)), collector)
     try:
         placement = placement_figures(offloader, len(offloader.layers), offloader.device)
         generations = generate(telemetry.session, name)
@@ -155,8 +169,34 @@ def run(args: argparse.Namespace) -> int:
     # The summary first: a collector that is down must not hold what the run measured.
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
     telemetry.flush_exports()
-    telemetry.linger_and_close(args.metrics_linger)
+    try:
+        if collector is not None:
+            _write_html(args.html, collector, name)
+    finally:
+        telemetry.linger_and_close(args.metrics_linger)  # the metrics endpoint closed even when the page is not written
     return EXIT_INTERRUPTED if generations[0].finish_reason == FINISH_INTERRUPTED else 0
+
+
+def _check_html(args: argparse.Namespace, settings: Any, config: Any) -> None:
+    """--html is checked with the other flags, before any model loads: its path, that the run
+    will have step spans to draw, and that plotly is installed."""
+    from tracedoffload.report.dependency import require_plotly
+    from tracedoffload.report.output import FIELD, check_html_path
+
+    check_html_path(args.html)
+    if config is None:
+        raise ConfigError(FIELD, str(args.html), "an offloaded run: with --no-offload nothing is traced")
+    if settings.sampling.level not in ("token", "layer"):
+        raise ConfigError(FIELD, str(args.html), f"a run traced at --trace-level token or layer (the report is drawn from the step spans), not {settings.sampling.level}")
+    require_plotly()
+
+
+def _write_html(path: Path, collector: Any, model_name: str) -> None:
+    """The report of the spans the run exported, once they were all handed over (after the flush)."""
+    from tracedoffload.report.page import write_report
+
+    size = write_report(path, collector.digest_now(), f"run of {model_name}")
+    _notify(f"wrote the HTML report {path} ({size / 1e6:.1f} MB)")
 
 
 def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) -> Any:
@@ -187,7 +227,7 @@ def _verify(args: argparse.Namespace) -> int:
     generating = {
         "temperature": args.temperature > 0, "num_samples": args.num_samples != 1, "prompt_lookup": args.prompt_lookup is not None,
         "draft_model": args.draft_model is not None, "early_exit": args.early_exit is not None, "stop": bool(args.stop), "logprobs": args.logprobs is not None,
-        "presence_penalty": args.presence_penalty != 0, "frequency_penalty": args.frequency_penalty != 0, "repetition_penalty": args.repetition_penalty != 1,
+        "presence_penalty": args.presence_penalty != 0, "frequency_penalty": args.frequency_penalty != 0, "repetition_penalty": args.repetition_penalty != 1, "html": args.html is not None,
     }
     field = next((name for name, given in generating.items() if given), None)
     if field is not None:

@@ -51,6 +51,7 @@ class MemoryMonitor:
         self.metrics = metrics
         self.on_alert = on_alert
         self.alerts: list[LeakAlert] = []
+        self.kv_bytes_per_token = kv_bytes_per_token
         self.detectors = {source: LeakDetector(source, kv_bytes_per_token, policy) for source in SOURCES}
         self._previous: QuietPoint | None = None
         if metrics is not None:
@@ -78,7 +79,9 @@ class MemoryMonitor:
         return the step span's memory attributes and events."""
         if quiet is None:
             return {}, ()
-        attributes: dict[str, Any] = {names.MEMORY_PINNED: self.offloader.pinned_bytes}
+        # The expected KV growth goes with the readings, so a trace file alone can set the memory
+        # against what the live tokens account for (as the leak detector does).
+        attributes: dict[str, Any] = {names.MEMORY_PINNED: self.offloader.pinned_bytes, names.MEMORY_KV_EXPECTED_BYTES_PER_TOKEN: self.kv_bytes_per_token}
         previous = self._previous
         if quiet.host_rss_bytes is not None:
             attributes[names.MEMORY_HOST_RSS] = quiet.host_rss_bytes

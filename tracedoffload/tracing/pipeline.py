@@ -74,7 +74,7 @@ class StepPipeline:
         first_tokens = self.policy.first_tokens
         first = sequences[0].step_number < first_tokens if len(sequences) == 1 else payload.step_index < first_tokens
         sampled_by = self._sampler.decide(first, timing.duration_ns) if level == "layer" else None
-        slow = sampled_by in ("slow", "relative")
+        slow = sampled_by in names.SLOW_STEP_REASONS
         events: tuple[Event, ...] = (Event(names.EVENT_SLOW_STEP, {"reason": sampled_by}, timestamp=timing.end_ns),) if slow else ()
         memory_attributes: dict[str, Any] = {}
         if self.monitor is not None:

@@ -13,6 +13,7 @@ import bisect
 import collections
 import dataclasses
 
+from tracedoffload import names
 from tracedoffload._checks import check_choice, check_int, check_positive
 
 LEVELS = ("off", "generation", "token", "layer")
@@ -80,9 +81,9 @@ class TailSampler:
         elif first:
             reason = "first"
         elif policy.slow_token_ms is not None and duration_ns > policy.slow_token_ms * 1e6:
-            reason = "slow"
+            reason = names.SAMPLED_BY_SLOW
         elif policy.relative_to_p95 is not None and len(self._sorted) >= 20 and duration_ns > policy.relative_to_p95 * self._p95():
-            reason = "relative"
+            reason = names.SAMPLED_BY_RELATIVE
         else:
             self._since_sampled += 1
             if self._since_sampled >= policy.every_n:
