@@ -38,6 +38,13 @@ def llama():
     return tiny_llama(vocab_size=260)
 
 
+# The reference the served answers are checked against, built at import, before any engine runs:
+# its weights come from the global torch generator (seeded 0), which a running engine's manager
+# thread reseeds when it starts generating, so a model built beside a running engine may get
+# other weights than the served one (an intermittent failure this once had).
+REFERENCE = llama()
+
+
 PROMPTS = ["offloading", "a longer prompt about layers and copies", "hi", "continuous batching joins and leaves", "kv"]
 
 
@@ -95,7 +102,7 @@ def served():
 
 
 def alone(prompt: str, max_tokens: int) -> list[int]:
-    model, tokenizer = llama(), ByteTokenizer()
+    model, tokenizer = REFERENCE, ByteTokenizer()
     ids = torch.tensor([tokenizer.encode(prompt)])
     with torch.inference_mode():
         return model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
@@ -333,7 +340,7 @@ class TestChoices:
 
 def reference_logprobs(prompt: str, tokens: list[int]) -> list[torch.Tensor]:
     """The model's own log-softmax before each of `tokens` (resident, one forward over it all)."""
-    model, tokenizer = llama(), ByteTokenizer()
+    model, tokenizer = REFERENCE, ByteTokenizer()
     ids = torch.tensor([tokenizer.encode(prompt) + tokens])
     with torch.inference_mode():
         logits = model(ids).logits[0].float()
@@ -405,7 +412,7 @@ class TestLogprobs:
 def greedy_with(prompt: str, max_tokens: int, adjust: Any) -> list[int]:
     """Greedy decoding, one full forward per token, the logits changed by `adjust(logits, prompt ids,
     answer so far)` before the argmax: what a penalty should do, computed the plain way."""
-    model, tokenizer = llama(), ByteTokenizer()
+    model, tokenizer = REFERENCE, ByteTokenizer()
     prompt_ids, answer = tokenizer.encode(prompt), []
     with torch.inference_mode():
         for _ in range(max_tokens):
@@ -421,7 +428,7 @@ class TestPenalties:
         return response.json()["choices"][0]["text"]
 
     def test_a_repetition_penalty_does_what_generate_s_does(self, served):
-        model, tokenizer = llama(), ByteTokenizer()
+        model, tokenizer = REFERENCE, ByteTokenizer()
         ids = torch.tensor([tokenizer.encode(PROMPTS[0])])
         with torch.inference_mode():
             expected = model.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=3.0, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
