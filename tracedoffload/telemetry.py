@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,13 +193,19 @@ class Telemetry:
             cache allocated up front (a paged cache), whose growth the leak detector must not expect.
         metrics: record metrics (into `registry`) even with no endpoint or OTLP reader configured
             (a server serves them on its own /metrics).
+        local_exporters: span exporters that keep the spans in this process (`run --html`'s
+            report collector), beside those the settings ask for. They do not count as exporting
+            the traces (`exports_spans`): a trace id they hold opens in no tracing UI.
 
     Attributes (after entry): `session` (None with the trace level off), `metrics`, `monitor`,
     `injector`, `metrics_port` (the bound port); after exit: `stats`.
     """
 
-    def __init__(self, settings: TelemetrySettings, offloader: Any, model_name: str, kv_bytes_per_token: int, *, metrics: bool = False) -> None:
+    def __init__(
+        self, settings: TelemetrySettings, offloader: Any, model_name: str, kv_bytes_per_token: int, *, metrics: bool = False, local_exporters: Sequence[Any] = ()
+    ) -> None:
         self.settings = settings
+        self.local_exporters = list(local_exporters)
         self.want_metrics = metrics
         self.offloader = offloader
         self.model_name = model_name
@@ -246,7 +253,7 @@ class Telemetry:
             self._restore_sdk_logs = quiet_sdk_export_logs()
         exporters = self._span_exporters()
         self.exports_spans = bool(exporters)
-        session = TracingSession(exporters, policy=settings.sampling, per_step_traces=settings.per_step_traces)
+        session = TracingSession([*exporters, *self.local_exporters], policy=settings.sampling, per_step_traces=settings.per_step_traces)
         readers = self._metric_readers()
         if settings.metrics_port is not None or readers or self.want_metrics:
             from opentelemetry.sdk.metrics import MeterProvider

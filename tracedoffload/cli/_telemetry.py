@@ -21,22 +21,6 @@ class RunTelemetry(Telemetry):
     """`Telemetry` with the run's progress bar, profiling summaries and metrics linger."""
 
     progress: ProgressBar | None = None
-    # `run --html`: a span exporter beside the others (report/span_collector.py), set before
-    # `start`. It keeps the spans in this process: it does not count as exporting the traces.
-    report_collector: Any = None
-    _exports_elsewhere = False
-
-    def start(self) -> None:
-        super().start()
-        if self.report_collector is not None:
-            self.exports_spans = self._exports_elsewhere
-
-    def _span_exporters(self) -> list[Any]:
-        exporters = super()._span_exporters()
-        if self.report_collector is None:
-            return exporters
-        self._exports_elsewhere = bool(exporters)
-        return [*exporters, self.report_collector]
 
     def finish_statistics(self, timeout_s: float = 30.0) -> dict[str, Any] | None:
         stats = super().finish_statistics(timeout_s)
@@ -58,8 +42,7 @@ def start(
     """Attach tracing, memory monitoring, metrics and fault injection to `offloader` as the
     settings say, with the progress bar and profiling summaries the flags ask for, and
     `report_collector` (`--html`) receiving every exported span."""
-    telemetry = RunTelemetry(settings, offloader, model_name, kv_bytes_per_token)
-    telemetry.report_collector = report_collector
+    telemetry = RunTelemetry(settings, offloader, model_name, kv_bytes_per_token, local_exporters=[report_collector] if report_collector else [])
     telemetry.start()
     session = telemetry.session
     if session is None:
