@@ -1,5 +1,6 @@
 """The progress bar of `tracedoffload run`, and the one rule that keeps stderr readable beside it:
-whatever else is written to stderr first ends the bar's line (`end_progress_line`)."""
+whatever else is written to stderr first ends the bar's line (`end_progress_line`), as a
+command's status line does (`notify`)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,9 @@ def end_progress_line() -> None:
     """Before writing to stderr: end a progress bar's line, if one is drawn."""
     for bar in list(_ACTIVE_BARS):
         bar.break_line()
+
+
+def notify(message: str) -> None:
+    """A status line on stderr ("tracedoffload: loading ..."), on a line of its own."""
+    end_progress_line()
+    print(f"tracedoffload: {message}", file=sys.stderr, flush=True)

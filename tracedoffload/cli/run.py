@@ -19,8 +19,8 @@ from typing import Any
 
 from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
-from tracedoffload.cli import EXIT_INTERRUPTED, model_flags, telemetry_flags
-from tracedoffload.cli.progress import end_progress_line
+from tracedoffload.cli import EXIT_INTERRUPTED, model_flags, prompt_flags, telemetry_flags
+from tracedoffload.cli.progress import end_progress_line, notify
 from tracedoffload.answer import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, check_stop, check_top_logprobs
 from tracedoffload.decoding import Decoding
 from tracedoffload.speculation import MAX_DRAFT_TOKENS
@@ -28,7 +28,6 @@ from tracedoffload.speculation import MAX_DRAFT_TOKENS
 # torch, transformers and the OpenTelemetry SDK are imported inside `run`, not here: --help and
 # a bad flag answer before they would have finished importing (seconds).
 
-DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 MAX_SAMPLES = 8  # as many answers as `serve` gives one request (`n`)
 
 
@@ -42,9 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     model_flags.add_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate; the model's end-of-turn token stops it sooner (default 64)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt text (default {DEFAULT_PROMPT!r})")
-    parser.add_argument("--system", metavar="TEXT", help="a system message before the prompt (models with a chat template)")
-    parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the tokenizer's chat template")
+    prompt_flags.add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--verify", action="store_true", help="compare with every layer resident instead, greedy: exit 1 where they diverge (as `tracedoffload verify`)")
     parser.add_argument(
@@ -120,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
 
     config, dtype = model_flags.with_dtype(config, args)
     device = resolve_device(args.device)
-    _notify(f"loading {args.model or 'the default model'}")
-    loaded = load_model(args.model, dtype, seed=args.seed, notify=_notify)
+    notify(f"loading {args.model or 'the default model'}")
+    loaded = load_model(args.model, dtype, seed=args.seed, notify=notify)
     model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
     if stop and not hasattr(tokenizer, "get_vocab"):
         raise ConfigError("stop", list(stop), f"no stop strings with {type(tokenizer).__name__}: transformers matches them against a tokenizer's vocabulary, which it has not")
@@ -196,7 +193,7 @@ def _write_html(path: Path, collector: Any, model_name: str) -> None:
     from tracedoffload.report.page import write_report
 
     size = write_report(path, collector.digest_now(), f"run of {model_name}")
-    _notify(f"wrote the HTML report {path} ({size / 1e6:.1f} MB)")
+    notify(f"wrote the HTML report {path} ({size / 1e6:.1f} MB)")
 
 
 def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) -> Any:
@@ -213,8 +210,8 @@ def _speculation(args: argparse.Namespace, model: Any, dtype: Any, device: Any) 
     from tracedoffload.models import load_model
     from tracedoffload.speculation import check_draft
 
-    _notify(f"loading the draft model {args.draft_model}")
-    draft = load_model(args.draft_model, dtype, notify=_notify).model.to(device)
+    notify(f"loading the draft model {args.draft_model}")
+    draft = load_model(args.draft_model, dtype, notify=notify).model.to(device)
     check_draft(draft, model)
     return Speculation(draft_model=draft, draft_tokens=args.draft_tokens, schedule=schedule)
 
@@ -268,11 +265,6 @@ def _check_early_exit_resident(offloader: Any, layers: int) -> None:
     except ConfigError:
         offloader.detach()  # the model is left as it was
         raise
-
-
-def _notify(message: str) -> None:
-    end_progress_line()
-    print(f"tracedoffload: {message}", file=sys.stderr, flush=True)
 
 
 class _CurrentStderr:

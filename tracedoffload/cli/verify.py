@@ -16,15 +16,14 @@ from typing import Any
 
 from tracedoffload._checks import check_int
 from tracedoffload._exceptions import ConfigError
-from tracedoffload.cli import model_flags
+from tracedoffload.cli import model_flags, prompt_flags
+from tracedoffload.cli.progress import notify
 
 EXIT_DIVERGED = 1
 VERIFY_DEFAULT_TOKENS = 32
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from tracedoffload.cli.run import DEFAULT_PROMPT
-
     parser = subparsers.add_parser(
         "verify",
         help="check the offloaded model against the same model with every layer resident (exit 1 where they diverge)",
@@ -32,9 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model_flags.add_arguments(parser)
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt text (default {DEFAULT_PROMPT!r})")
-    parser.add_argument("--system", metavar="TEXT", help="a system message before the prompt (models with a chat template)")
-    parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the tokenizer's chat template")
+    prompt_flags.add_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=VERIFY_DEFAULT_TOKENS, help=f"tokens to compare at most (default {VERIFY_DEFAULT_TOKENS})")
     add_verify_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
@@ -64,14 +61,13 @@ def verify(args: argparse.Namespace) -> int:
         check_int("corrupt_layer", args.corrupt_layer, 0)
     config = model_flags.offload_config(args)
 
-    from tracedoffload.cli.run import _notify
     from tracedoffload.models import load_model
     from tracedoffload.verify import verify_offload
 
     config, dtype = model_flags.with_dtype(config, args)
-    _notify(f"loading {args.model or 'the default model'}")
-    loaded = load_model(args.model, dtype, seed=args.seed, notify=_notify)
-    _notify("generating with every layer resident, then offloaded")
+    notify(f"loading {args.model or 'the default model'}")
+    loaded = load_model(args.model, dtype, seed=args.seed, notify=notify)
+    notify("generating with every layer resident, then offloaded")
     verdict = verify_offload(
         loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, config, system=args.system, raw=args.raw, atol=args.atol, corrupt_layer=args.corrupt_layer
     )
