@@ -116,13 +116,13 @@ def _mechanism(run: MeasuredRun, around: Candidate) -> str:
         offloaded = [size for i, size in enumerate(run.layer_bytes) if i not in set(resident_layer_indices(choice.residency, run.num_layers, choice.gpu_layers))]
         time = around.time
         return (
-            f"copies of the {len(offloaded)} offloaded layers take {sum(offloaded) / gbps / 1e6:.2f} ms per step at {gbps:.1f} GB/s beside "
+            f"copies of the {len(offloaded)} offloaded layers take {sum(offloaded) / gbps / 1e6:.2f} ms per step at {gbps:.3g} GB/s beside "
             f"{time.compute_ns / 1e6:.2f} ms of compute, and {time.offload_ns / 1e6:.2f} ms of them are not hidden behind it: "
             f"each extra resident layer saves {saves:.2f} ms per token and costs {_mib(costs)}"
         )
     return (
         f"on {run.device} copies do not overlap compute (the same cores do both): each offloaded layer adds its copy, "
-        f"{layer / gbps / 1e6:.2f} ms ({_mib(layer)} at {gbps:.1f} GB/s), and {2 * run.swap_ns / 1e6:.2f} ms of pointer swaps{warm}; "
+        f"{layer / gbps / 1e6:.2f} ms ({_mib(layer)} at {gbps:.3g} GB/s), and {2 * run.swap_ns / 1e6:.2f} ms of pointer swaps{warm}; "
         f"each extra resident layer saves {saves:.2f} ms per token and costs {_mib(costs)}"
     )
 
@@ -139,4 +139,6 @@ def describe(run: MeasuredRun, candidate: Candidate) -> str:
 
 
 def _mib(nbytes: int | None) -> str:
-    return f"{(nbytes or 0) / MiB:,.1f} MiB"
+    """Bytes in MiB, or KiB below one MiB (a tiny test model's layers)."""
+    nbytes = nbytes or 0
+    return f"{nbytes / MiB:,.1f} MiB" if abs(nbytes) >= MiB else f"{nbytes / 1024:,.1f} KiB"

@@ -66,7 +66,7 @@ def advice_text(path: str, run: MeasuredRun, advice: Advice) -> str:
 def _figures_line(run: MeasuredRun, measured: Candidate) -> str:
     batch = run.batch(measured.choice.sequences)
     compute = sorted(batch.compute_ns)[len(batch.compute_ns) // 2]
-    rate = f"copies {run.transfer_bytes_per_ns:.1f} GB/s" if run.transfer_bytes_per_ns else "no copies"
+    rate = f"copies {run.transfer_bytes_per_ns:.3g} GB/s" if run.transfer_bytes_per_ns else "no copies"
     return (
         f"figures: {rate}, compute {compute / 1e6:.3f} ms per layer (the median layer), offloaded/resident compute "
         f"{offloaded_compute_factor(run, batch.sequences):.3f}, swap {run.swap_ns / 1e6:.3f} ms, other {batch.other_ns / 1e6:.2f} ms "
