@@ -20,6 +20,7 @@ their ratio, and the median of the per-round ratios. Goal: within 15 % (0.85-1.1
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -54,7 +55,7 @@ def measured_ms_per_token(trace: Path) -> float:
     steps = sorted((s for s in read_otlp_jsonl(trace) if s.name == names.SPAN_STEP), key=lambda s: s.start_ns)
     periods = [
         (following.start_ns - step.start_ns) / 1e6
-        for step, following in zip(steps, steps[1:], strict=False)
+        for step, following in itertools.pairwise(steps)
         if step.attributes[names.STEP_PHASE] == following.attributes[names.STEP_PHASE] == names.PHASE_DECODE
     ]
     return statistics.median(periods)

@@ -47,7 +47,8 @@ class BatchFigures:
             the hooks' own work, and (with a copy engine) nothing that waited for a copy.
         gap_ns: from a step's end to the next step's start (sampling, the generation loop).
         period_ns: from a step's start to the next one's: the measured time per step.
-        kv_tokens: the most KV tokens held after one of these steps, over every live sequence.
+        kv_tokens: the most KV tokens held after a decode step of this size (any, not only the
+            typical ones), over every live sequence.
     """
 
     sequences: int
@@ -156,7 +157,7 @@ def measured_run(spans: Iterable[SpanView]) -> MeasuredRun:
         transfer_bytes_per_ns=_transfer_rate(typical),
         swap_ns=_swap_ns(typical, sum(offloaded)),
         largest_forward_tokens=max(int(s.attributes.get(names.STEP_TOKENS, 1)) for s in steps),
-        batches=tuple(_batch_figures(sequences, pairs, copy_engine) for sequences, pairs in sorted(groups.items())),
+        batches=tuple(_batch_figures(sequences, pairs, _most_kv_tokens(decode, sequences), copy_engine) for sequences, pairs in sorted(groups.items())),
     )
 
 
@@ -198,7 +199,12 @@ def _typical_pairs(decode: Sequence[SpanView]) -> dict[int, list[tuple[SpanView,
     return typical
 
 
-def _batch_figures(sequences: int, pairs: Sequence[tuple[SpanView, SpanView]], copy_engine: bool) -> BatchFigures:
+def _most_kv_tokens(decode: Sequence[SpanView], sequences: int) -> int:
+    """The most KV tokens held after any decode step of this size (a peak, so over every step)."""
+    return max(int(s.attributes.get(names.STEP_KV_TOKENS, 0)) for s in decode if int(s.attributes.get(names.STEP_SEQUENCES, 1)) == sequences)
+
+
+def _batch_figures(sequences: int, pairs: Sequence[tuple[SpanView, SpanView]], kv_tokens: int, copy_engine: bool) -> BatchFigures:
     steps = [step for step, _ in pairs]
     columns = zip(*(step.attributes[names.STEP_LAYERS_COMPUTE_NS] for step in steps))
     return BatchFigures(
@@ -208,7 +214,7 @@ def _batch_figures(sequences: int, pairs: Sequence[tuple[SpanView, SpanView]], c
         other_ns=statistics.fmean(_other_ns(step, copy_engine) for step in steps),
         gap_ns=statistics.fmean(following.start_ns - step.end_ns for step, following in pairs),
         period_ns=statistics.fmean(following.start_ns - step.start_ns for step, following in pairs),
-        kv_tokens=max(int(step.attributes.get(names.STEP_KV_TOKENS, 0)) for step in steps),
+        kv_tokens=kv_tokens,
     )
 
 
