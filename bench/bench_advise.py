@@ -7,7 +7,9 @@ Per round, each run a separate `tracedoffload run` process writing its trace (--
   A, B, C     three of the configurations it predicted, run with the flags it printed for them:
               its row with the fewest resident layers, the row at the `light` preset's count, and
               its row with every layer resident (three layer counts, and prefetch and residency as
-              the advisor picked them), in rotating order.
+              the advisor picked them), in rotating order. A configuration is named by its layer
+              count: where residencies tie to within noise, the advisor's pick among them may
+              differ from round to round, and each round runs the one it predicted.
 Measured ms per token of a run: the median, over its decode steps, of the time from one step's
 start to the next's (the prefill excluded), read from its own trace. Each configuration's
 prediction comes from the same round's base run, so a noisy phase of the host moves both sides of
@@ -20,8 +22,10 @@ their ratio, and the median of the per-round ratios. Goal: within 15 % (0.85-1.1
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -73,7 +77,11 @@ def pick_three(advice: dict) -> list[dict]:
 
 
 def describe(row: dict, layers: int) -> str:
-    return f"{row['gpu_layers']} of {layers} resident ({row['residency']}, prefetch {row['prefetch']})"
+    return f"{row['gpu_layers']} of {layers} resident"
+
+
+def settings(row: dict) -> str:
+    return f"{row['residency']}, prefetch {row['prefetch']}"
 
 
 def main() -> None:
@@ -83,11 +91,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     args = parser.parse_args()
 
+    # Another process on these two cores slows torch's threads by several times, not by half:
+    # the load average says whether the figures below were taken on a quiet host.
+    print(f"host load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     predicted: dict[str, list[float]] = {}
     measured: dict[str, list[float]] = {}
     base_measured: list[float] = []
     base_predicted: list[float] = []
     labels: list[str] = []
+    picked: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):
             base = Path(scratch) / f"base-{round_index}.otlp.jsonl"
@@ -107,18 +119,21 @@ def main() -> None:
                 trace = Path(scratch) / f"run-{round_index}-{position}.otlp.jsonl"
                 run_traced(row["run_flags"], trace, args)
                 predicted.setdefault(label, []).append(row["ms_per_token"])
+                picked.setdefault(label, []).append(settings(row))
                 measured.setdefault(label, []).append(measured_ms_per_token(trace))
             print(f"  round {round_index}: base {base_measured[-1]:.2f} ms/token; " + "; ".join(
-                f"{label.split(' (')[0]}: predicted {predicted[label][-1]:.2f}, measured {measured[label][-1]:.2f}" for label in labels
+                f"{label} ({picked[label][-1]}): predicted {predicted[label][-1]:.2f}, measured {measured[label][-1]:.2f}" for label in labels
             ), flush=True)
 
-    print(f"\nbase run: balanced preset, {args.tokens} tokens, medians of {args.rounds} rounds: measured {statistics.median(base_measured):.2f} ms/token "
+    print(f"\nhost load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"base run: balanced preset, {args.tokens} tokens, medians of {args.rounds} rounds: measured {statistics.median(base_measured):.2f} ms/token "
           f"(min-max {min(base_measured):.2f}-{max(base_measured):.2f}), the model's figure for it {statistics.median(base_predicted):.2f}")
     print("predicted from each round's base run, measured by running it (decode ms per token, medians over rounds):")
     for name, label in zip("ABC", labels, strict=True):
         p, m = statistics.median(predicted[label]), statistics.median(measured[label])
         paired = statistics.median(a / b for a, b in zip(predicted[label], measured[label], strict=True))
-        print(f"  {name} {label}: predicted {p:.2f}, measured {m:.2f} (min-max {min(measured[label]):.2f}-{max(measured[label]):.2f})")
+        runs = ", ".join(f"{count} x {setting}" for setting, count in sorted(collections.Counter(picked[label]).items()))
+        print(f"  {name} {label} ({runs}): predicted {p:.2f}, measured {m:.2f} (min-max {min(measured[label]):.2f}-{max(measured[label]):.2f})")
         print(f"    {name} predicted / measured = {p / m:.4f} (median of per-round ratios {paired:.4f}; goal 0.85-1.15)")
 
 

@@ -101,6 +101,8 @@ class TestFromHandBuiltSpans:
         assert run.batch(4).ms_per_token == pytest.approx(5.0)
         assert run.batch(4).kv_tokens == 44
         assert run.batch(1).kv_tokens == 8
+        with pytest.raises(KeyError, match=r"no decode steps of 2 sequences: the run measured \[1, 4\]"):
+            run.batch(2)
 
 
 class TestRefused:

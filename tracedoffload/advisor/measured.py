@@ -104,10 +104,23 @@ class MeasuredRun:
     @property
     def copy_engine(self) -> bool:
         """Copies overlap compute (a CUDA device's copy engine); False on a CPU."""
-        return self.device.split(":")[0] in COPY_ENGINE_DEVICES
+        return has_copy_engine(self.device)
 
     def batch(self, sequences: int) -> BatchFigures:
-        return next(b for b in self.batches if b.sequences == sequences)
+        """The figures of the steps that served `sequences` sequences.
+
+        Raises:
+            KeyError: the run has no decode steps of that size.
+        """
+        for batch in self.batches:
+            if batch.sequences == sequences:
+                return batch
+        raise KeyError(f"no decode steps of {sequences} sequences: the run measured {[b.sequences for b in self.batches]}")
+
+
+def has_copy_engine(device: str) -> bool:
+    """Whether copies to `device` run beside its compute (CUDA) or on the same cores (a CPU)."""
+    return device.split(":")[0] in COPY_ENGINE_DEVICES
 
 
 def measured_run(spans: Iterable[SpanView]) -> MeasuredRun:
@@ -135,7 +148,7 @@ def measured_run(spans: Iterable[SpanView]) -> MeasuredRun:
         for key in _LAYER_KEYS:
             if len(_int_array(step.attributes, key)) != len(layer_bytes):
                 raise TraceError(f"step {step.attributes.get(names.STEP_INDEX)} has no per-layer figures {key} for the {len(layer_bytes)} layers")
-    copy_engine = str(config[names.OFFLOAD_DEVICE]).split(":")[0] in COPY_ENGINE_DEVICES
+    copy_engine = has_copy_engine(str(config[names.OFFLOAD_DEVICE]))
     groups = _typical_pairs(decode)
     if not groups:
         raise TraceError("has no two consecutive decode steps: the time per token needs a run that generated at least 3 tokens")
