@@ -16,7 +16,11 @@ prediction comes from the same round's base run, so a noisy phase of the host mo
 a round together. Printed per configuration: the medians over rounds of predicted and measured,
 their ratio, and the median of the per-round ratios. Goal: within 15 % (0.85-1.15) on this CPU.
 
-    python bench/bench_advise.py --rounds 5 --tokens 48
+--torch-threads N sets OMP_NUM_THREADS for every run, base and re-runs alike. On this 2-core host
+torch's default of 2 threads slows down by 20-40 times (not by half) while another process takes
+a core, and such phases come and go within a round; one thread shares the host gracefully.
+
+    python bench/bench_advise.py --rounds 5 --tokens 48 [--torch-threads 1]
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ def run_traced(flags: list[str], trace: Path, args: argparse.Namespace) -> None:
     """One `tracedoffload run` in its own process (the CLI a user runs), its trace written to `trace`."""
     model = ["--model", args.model] if args.model else []
     command = [sys.executable, "-m", "tracedoffload", "run", *model, "--max-new-tokens", str(args.tokens), "--trace-level", "token", "--trace-file", str(trace), "--no-progress", "--json", *flags]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else None
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
 
@@ -89,11 +94,13 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a .gguf file, a model directory or 'random' (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS for every run (default: torch's own)")
     args = parser.parse_args()
 
     # Another process on these two cores slows torch's threads by several times, not by half:
     # the load average says whether the figures below were taken on a quiet host.
-    print(f"host load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(f"host load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+          f"torch threads per run: {args.torch_threads or 'torch default'}", flush=True)
     predicted: dict[str, list[float]] = {}
     measured: dict[str, list[float]] = {}
     base_measured: list[float] = []
