@@ -37,7 +37,7 @@ class TestAdvice:
 
     def test_json_shape(self, capsys, tiny_trace):
         data = advise_json(capsys, tiny_trace)
-        assert {"file", "device", "layers", "copy_engine", "measured", "figures", "candidates", "candidates_weighed", "excluded", "recommendation"} <= set(data)
+        assert {"file", "device", "layers", "copy_engine", "measured", "figures", "candidates", "candidates_weighed", "excluded", "recommendation", "caveats"} <= set(data)
         assert (data["device"], data["layers"], data["copy_engine"], data["excluded"]) == ("cpu", 4, False, 0)
         for row in data["candidates"]:
             assert ROW_KEYS <= set(row)

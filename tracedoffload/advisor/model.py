@@ -43,6 +43,11 @@ Where it breaks:
   figures are means over the run's contexts, and a much longer generation runs slower.
 - The first tokens: a prefill's time grows with its prompt and is not predicted (time to first
   token); nor are chunked prefills mixed into decode steps.
+- Caches on a CPU: an offloaded layer computes from the copy it just made, warmer in the caches
+  than a resident layer, and how much warmer depends on how close the copy is to the compute: at
+  prefetch 0 it lands right before, at prefetch 1 another layer computes in between. A run
+  measures the warmth (and the copy rate) at its own prefetch only, and a run with every layer in
+  one state cannot measure it at all; the advice says so when its recommendation depends on it.
 - A busy host: other processes slow some steps; the typical steps leave a few out, not a whole
   busy run, and a run measured in a quiet phase predicts a busy one badly (and the other way).
 """

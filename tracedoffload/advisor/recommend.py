@@ -34,6 +34,7 @@ class Advice:
         meets_target: whether it meets `target_ms` (None without a target).
         reason: why it was chosen.
         mechanism: what offloading costs here, per layer, and what one more resident layer buys.
+        caveats: what this run could not measure that the recommendation depends on.
     """
 
     candidates: list[Candidate]
@@ -46,6 +47,7 @@ class Advice:
     meets_target: bool | None
     reason: str
     mechanism: str
+    caveats: list[str]
 
 
 def advise(run: MeasuredRun, device_memory: int | None = None, target_ms: float | None = None) -> Advice:
@@ -74,7 +76,25 @@ def advise(run: MeasuredRun, device_memory: int | None = None, target_ms: float 
         if device_memory is None:
             reason += " (give --device-memory or --target-ms-per-token to trade memory for time)"
     mechanism = _mechanism(run, chosen or measured)
-    return Advice(candidates, device_memory, target_ms, excluded, measured, measured_ms, chosen, meets, reason, mechanism)
+    return Advice(candidates, device_memory, target_ms, excluded, measured, measured_ms, chosen, meets, reason, mechanism, _caveats(run, chosen))
+
+
+def _caveats(run: MeasuredRun, chosen: Candidate | None) -> list[str]:
+    """What the figures behind `chosen` rest on that the run could not measure."""
+    caveats = []
+    if run.transfer_bytes_per_ns is not None and (all(run.offloaded) or not any(run.offloaded)):
+        state = "offloaded" if all(run.offloaded) else "resident"
+        caveats.append(
+            f"every layer was {state} in the run, so a layer's compute in the other state was not measured and is taken as equal; "
+            "on a CPU a layer computes faster just after its copy (warm caches), so a trace with layers of both kinds predicts better"
+        )
+    if chosen is not None and not run.copy_engine and (chosen.choice.prefetch == 0) != (run.prefetch == 0):
+        caveats.append(
+            f"on a CPU prefetch overlaps nothing but moves each copy relative to its layer's compute: the run's copies and offloaded "
+            f"layers were measured at prefetch {run.prefetch}; at prefetch 0 a copy lands just before its layer, warmer in the caches, "
+            "and runs faster than this predicts (slower, the other way round)"
+        )
+    return caveats
 
 
 def _for_target(run: MeasuredRun, fitting: list[Candidate], target_ms: float) -> tuple[Candidate, bool, str]:

@@ -59,6 +59,7 @@ def advice_text(path: str, run: MeasuredRun, advice: Advice) -> str:
         lines.append(f"  why: {advice.reason}")
         lines.append(f"  how: {advice.mechanism}")
         lines.append(f"  flags: {' '.join(run_flags(run, advice.recommended))}")
+    lines += [f"  caveat: {caveat}" for caveat in advice.caveats]
     lines.append("(a model of this run's measured figures: see the README's `advise` section for what it assumes and where it breaks)")
     return "\n".join(lines)
 
@@ -106,6 +107,7 @@ def advice_data(path: str, run: MeasuredRun, advice: Advice) -> dict[str, Any]:
         "excluded": advice.excluded,
         "candidates": [_row(run, advice, row) for row in shown_rows(run, advice)],
         "recommendation": recommendation,
+        "caveats": advice.caveats,
     }
 
 
