@@ -28,6 +28,7 @@ def _run(script: str, *args: str) -> str:
         ("bench_tracing.py", [rf"generation:\n  full    / off = {RATIO}", rf"generation \+ flush:\n  full    / off = [\d.]+ .*\n  default / off = {RATIO}"]),
         ("bench_telemetry_cpu.py", [rf"full   : telemetry \+ export CPU / model CPU = {RATIO}"]),
         ("bench_background_cpu.py", [rf"thread   / off = {RATIO}", rf"nogil    / off = {RATIO}", rf"process  / off = {RATIO}"]),
+        ("bench_advise.py", [rf"A predicted / measured = {RATIO}", rf"B predicted / measured = {RATIO}", rf"C predicted / measured = {RATIO}"]),
     ],
 )
 def test_benchmark_prints_its_ratios(script: str, patterns: list[str]) -> None:

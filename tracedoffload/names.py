@@ -48,6 +48,15 @@ OFFLOAD_OFFLOADED_BYTES = "tracedoffload.offload.offloaded_bytes"
 OFFLOAD_DEVICE_POOL_BYTES = "tracedoffload.offload.device_pool_bytes"
 OFFLOAD_PINNED_BYTES = "tracedoffload.offload.pinned_bytes"
 
+# -- the model's sizes (generation span): the planner's figures, so a trace alone can be re-planned
+# (`tracedoffload advise`) for another residency, prefetch depth or batch size -------------------
+MODEL_LAYER_BYTES = "tracedoffload.model.layer_bytes"  # per decoder layer, the bytes one transfer moves
+MODEL_BASE_BYTES = "tracedoffload.model.base_bytes"  # tensors outside the decoder layers (always resident)
+MODEL_KV_BYTES_PER_TOKEN = "tracedoffload.model.kv_bytes_per_token"  # KV-cache growth per token held
+MODEL_ACTIVATION_BYTES_PER_TOKEN = "tracedoffload.model.activation_bytes_per_token"  # one layer's peak intermediates per token of a forward
+MODEL_LOGITS_BYTES = "tracedoffload.model.logits_bytes"  # one position's logits
+MODEL_SIZE_ATTRIBUTES = (MODEL_LAYER_BYTES, MODEL_BASE_BYTES, MODEL_KV_BYTES_PER_TOKEN, MODEL_ACTIVATION_BYTES_PER_TOKEN, MODEL_LOGITS_BYTES)
+
 # -- generation span ---------------------------------------------------------------------------
 GENERATION_ID = "generation.id"  # also on a step that served exactly one generation
 GENERATION_STEPS = "generation.steps"  # forwards that served it (its step events, up to a cap)

@@ -40,10 +40,10 @@ from tracedoffload.presets import (
     DEFAULT_KV_TOKENS,
     DEFAULT_TARGET_UTILIZATION,
     GPU_TIERS,
-    MAX_PREFETCH,
     PRESETS,
     GiB,
 )
+from tracedoffload.vram import VramEstimate, vram_from_sizes
 
 _FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
 
@@ -74,8 +74,13 @@ class ModelPlan:
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelPlan:
         """Plan a built model, with real weights or on the meta device (nothing is copied)."""
+        return cls.from_layers(model, find_decoder_layers(model)[1])
+
+    @classmethod
+    def from_layers(cls, model: nn.Module, layers: list[nn.Module]) -> ModelPlan:
+        """Plan a model whose decoder layers are `layers` (an offloader's list, which may have been
+        given explicitly); offloaded or not, the sizes are the same."""
         # The offloader's own rule for tensors shared outside a layer: they stay resident.
-        layers = find_decoder_layers(model)[1]
         shared = tensors_shared_outside(model, dict(enumerate(layers)))
         layouts = [plan_layout(layer_tensors(layer, shared[i])) for i, layer in enumerate(layers)]
         moved = {id(item.tensor) for layout in layouts for item in layout.tensors}
@@ -158,21 +163,6 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * heads * _head_dim(config) * dtype.itemsize
 
 
-@dataclasses.dataclass(frozen=True)
-class VramEstimate:
-    """Device bytes for one residency, term by term (see the module docstring)."""
-
-    base_bytes: int
-    resident_layer_bytes: int
-    slot_pool_bytes: int
-    kv_cache_bytes: int
-    activation_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.base_bytes + self.resident_layer_bytes + self.slot_pool_bytes + self.kv_cache_bytes + self.activation_bytes
-
-
 def estimate_vram(
     plan: ModelPlan, gpu_layers: int, *, prefetch: int = 1, residency: str = "interleaved", kv_tokens: int = DEFAULT_KV_TOKENS
 ) -> VramEstimate:
@@ -184,14 +174,13 @@ def estimate_vram(
     Raises:
         ConfigError: `gpu_layers`, `prefetch`, `residency` or `kv_tokens` out of range.
     """
-    check_int("prefetch", prefetch, 0, MAX_PREFETCH)
     check_int("kv_tokens", kv_tokens, 0)
-    resident = set(resident_layer_indices(residency, plan.num_layers, check_int("gpu_layers", gpu_layers, 0, plan.num_layers)))
-    offloaded = [size for i, size in enumerate(plan.layer_bytes) if i not in resident]
-    return VramEstimate(
-        base_bytes=plan.base_bytes,
-        resident_layer_bytes=sum(plan.layer_bytes[i] for i in resident),
-        slot_pool_bytes=min(prefetch + 1, len(offloaded)) * max(offloaded, default=0),
+    return vram_from_sizes(
+        plan.layer_bytes,
+        plan.base_bytes,
+        gpu_layers,
+        prefetch=prefetch,
+        residency=residency,
         kv_cache_bytes=plan.kv_bytes_per_token * kv_tokens,
         activation_bytes=plan.activation_bytes_per_token * kv_tokens + plan.logits_bytes,
     )

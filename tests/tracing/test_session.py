@@ -118,6 +118,29 @@ class TestTraceShape:
         assert attributes[names.GEN_AI_USAGE_OUTPUT_TOKENS] == 6
         assert attributes[names.OFFLOAD_CPU_LAYERS] == len(offloader.offloaded_indices)
 
+    def test_generation_carries_the_planners_model_sizes(self, full_detail_run):
+        """The generation span carries the planner's sizes of the model (what `advise` re-plans
+        from): they equal a plan of a fresh copy of the model, and the offloaded layers' bytes equal
+        what their transfers moved; step spans do not repeat them."""
+        from tracedoffload.planner import ModelPlan
+
+        _, spans, offloader = full_detail_run
+        generation = next(s for s in spans if s.name == "text_completion tiny")
+        plan = ModelPlan.from_model(tiny_model())
+        attributes = generation.attributes
+        assert tuple(attributes[names.MODEL_LAYER_BYTES]) == plan.layer_bytes
+        assert attributes[names.MODEL_BASE_BYTES] == plan.base_bytes
+        assert attributes[names.MODEL_KV_BYTES_PER_TOKEN] == plan.kv_bytes_per_token > 0
+        assert attributes[names.MODEL_ACTIVATION_BYTES_PER_TOKEN] == plan.activation_bytes_per_token > 0
+        assert attributes[names.MODEL_LOGITS_BYTES] == plan.logits_bytes > 0
+        decode = next(s for s in spans if s.name == names.SPAN_STEP and s.attributes[names.STEP_PHASE] == names.PHASE_DECODE)
+        moved = decode.attributes[names.STEP_LAYERS_TRANSFER_BYTES]
+        assert offloader.offloaded_indices
+        for index in offloader.offloaded_indices:
+            assert attributes[names.MODEL_LAYER_BYTES][index] == moved[index]
+        step = decode
+        assert not set(names.MODEL_SIZE_ATTRIBUTES) & set(step.attributes)
+
     def test_one_trace_per_generation_switch(self, memory_exporter):
         """With per_step_traces off, tokens are children of the generation span in its trace."""
         session = TracingSession([memory_exporter], policy=SamplingPolicy.full_detail(), per_step_traces=False)

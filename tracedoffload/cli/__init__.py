@@ -19,11 +19,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tracedoffload.cli import plan, report, run, serve, verify
+    from tracedoffload.cli import advise, plan, report, run, serve, verify
 
     parser = _Parser(prog="tracedoffload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (run, serve, plan, report, verify):
+    for module in (run, serve, plan, report, advise, verify):
         module.add_parser(sub)
     return parser
 

@@ -124,6 +124,7 @@ class TracingSession:
         self._pipeline = StepPipeline(self.policy, self.stats, self._fanout, ledger)
         self._offloader: Offloader | None = None
         self._recorder: TracingTimeline | None = None
+        self._model_attributes: dict[str, Any] = {}
         self._clock: Any = None
         self._worker = TelemetryWorker(self._pipeline.handle, max_queued_steps, float(batch_interval_s))
         self._closed = False
@@ -152,6 +153,7 @@ class TracingSession:
         streams = offloader.streams
         self._clock = streams.clock
         offload_attributes = offload_span_attributes(offloader)
+        self._model_attributes = model_size_attributes(offloader)
         timer = StepTimer(self._clock.resolve, len(offloader.layers), host_clock=self._clock.host)
         factory = SpanFactory(self.resource, self._scope, streams.copy_stream_name, offload_attributes)
         self._pipeline.bind(timer, factory, None if self._clock.host else self._clock.recycle)
@@ -337,6 +339,7 @@ class TracingSession:
             attributes[names.GEN_AI_REQUEST_MAX_TOKENS] = max_new_tokens
         if self._recorder is not None:
             attributes.update(self._recorder.offload_attributes)
+            attributes.update(self._model_attributes)
         context = new_span_context(parent)
         info = GenerationInfo(generation_id, context, self.per_step_traces, input_tokens, time.time_ns())
         return GenerationHandle(generation_id, context, _info=info, _attributes=attributes, _parent=parent)
@@ -452,4 +455,19 @@ def offload_span_attributes(offloader: Offloader) -> dict[str, Any]:
         names.OFFLOAD_OFFLOADED_BYTES: offloader.offloaded_bytes,
         names.OFFLOAD_DEVICE_POOL_BYTES: offloader.device_pool_bytes,
         names.OFFLOAD_PINNED_BYTES: offloader.pinned_bytes,
+    }
+
+
+def model_size_attributes(offloader: Offloader) -> dict[str, Any]:
+    """The model's sizes as the planner computes them (generation spans only: they never change
+    within a run, and a step span is the hot path's), so a trace alone can be re-planned."""
+    from tracedoffload.planner import ModelPlan
+
+    plan = ModelPlan.from_layers(offloader.model, offloader.layers)
+    return {
+        names.MODEL_LAYER_BYTES: list(plan.layer_bytes),
+        names.MODEL_BASE_BYTES: plan.base_bytes,
+        names.MODEL_KV_BYTES_PER_TOKEN: plan.kv_bytes_per_token,
+        names.MODEL_ACTIVATION_BYTES_PER_TOKEN: plan.activation_bytes_per_token,
+        names.MODEL_LOGITS_BYTES: plan.logits_bytes,
     }
