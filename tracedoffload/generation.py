@@ -181,7 +181,7 @@ def _generate(
     input_ids, attention_mask, lengths = _left_padded(tokenizer, prompts, system, raw)
     width = input_ids.shape[1]
     stop_ids = set() if ignore_eos else eos_ids(model)
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    pad = pad_id(tokenizer)
     limits: dict[str, Any] = {"eos_token_id": sorted(stop_ids) or None}
     if ignore_eos:
         # eos_token_id=None overrides the model's generation config; min_new_tokens also masks
@@ -241,7 +241,7 @@ def _left_padded(tokenizer: Any, prompts: list[str], system: str | None, raw: bo
     encoded = [encode_prompt(tokenizer, prompt, system=system, raw=raw)["input_ids"][0] for prompt in prompts]
     lengths = [len(ids) for ids in encoded]
     width = max(lengths)
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    pad = pad_id(tokenizer)
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, ids in enumerate(encoded):
@@ -280,6 +280,12 @@ class StopOnInterrupt(StoppingCriteria):
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch's short rows and a finished row's steps: the tokenizer's pad
+    token, else its end-of-sequence token, else 0."""
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
 
 def eos_ids(model: torch.nn.Module) -> set[int]:

@@ -105,10 +105,10 @@ def _greedy(model: torch.nn.Module, tokenizer: Any, encoded: dict[str, torch.Ten
     """The generated tokens and, per position, the raw logits (on the host, float32)."""
     import torch
 
-    from tracedoffload.generation import eos_ids
+    from tracedoffload.generation import eos_ids, pad_id
 
     stop = sorted(eos_ids(model)) or None
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    pad = pad_id(tokenizer)
     with torch.inference_mode():
         output = model.generate(
             encoded["input_ids"].to(device),
