@@ -180,6 +180,15 @@ class TestEarlyExit:
             check_early_exit(4, 4)
         check_early_exit(2, 4, resident=[0, 1])
 
+    def test_generating_with_an_exit_past_the_resident_layers_is_refused_before_any_forward(self):
+        """Whoever offloaded the model: layers 0 and 2 resident (interleaved) cannot draft two layers deep."""
+        model = llama(260)
+        before = model.generation_config.num_assistant_tokens
+        with offload(model, OffloadConfig(num_layers_on_gpu=2)):
+            with pytest.raises(ConfigError, match="early_exit=2 .*at most 1"):
+                generate_once(model, ByteTokenizer(), PROMPT, 4, raw=True, speculation=Speculation(early_exit_layers=2, draft_tokens=9))
+        assert model.generation_config.num_assistant_tokens == before
+
     def test_run_puts_the_first_layers_resident_and_refuses_another_residency(self, in_tmp_dir):
         refused = subprocess.run([sys.executable, "-m", "tracedoffload", "run", "--early-exit", "2", "--residency", "last"], capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2 and "residency='last'" in refused.stderr and "--early-exit" in refused.stderr

@@ -16,9 +16,9 @@ kinds of draft:
 
 - **early exit** (`assistant_early_exit`): the model itself drafts, running only its first k
   decoder layers and its head. Worth it only where those layers are resident: a draft through
-  offloaded layers would stream their weights once more per drafted token. So the offloader keeps
-  the first layers resident (`check_early_exit`), and the draft forwards are traced as draft
-  forwards, not steps. It pays on models trained to exit early (LayerSkip); on others the early
+  offloaded layers would stream their weights once more per drafted token. So an early exit past
+  the offloader's resident first layers is refused (`check_early_exit`, when it is applied to an
+  offloaded model), and the draft forwards are traced as draft forwards, not steps. It pays on models trained to exit early (LayerSkip); on others the early
   layers' guesses are mostly refused.
 
 Greedy output with speculation equals greedy output without it (the model decides every token;
@@ -82,7 +82,7 @@ class Speculation:
             check_draft(self.draft_model, model)
             drafting, kwargs = self.draft_model, {"assistant_model": self.draft_model}
         else:
-            check_early_exit(self.early_exit_layers, _decoder_layer_count(model))
+            check_early_exit(self.early_exit_layers, _decoder_layer_count(model), _resident_layers(model))
             drafting, kwargs = model, {"assistant_early_exit": self.early_exit_layers}
         config = drafting.generation_config
         before = (config.num_assistant_tokens, config.num_assistant_tokens_schedule)
@@ -106,7 +106,8 @@ def check_early_exit(layers: int, num_layers: int, resident: Sequence[int] | Non
     check_int("early_exit", layers, 1, num_layers - 1)
     if resident is None:
         return
-    prefix = next((n for n in range(num_layers) if n not in set(resident)), num_layers)
+    kept = set(resident)
+    prefix = next((n for n in range(num_layers) if n not in kept), num_layers)
     if layers > prefix:
         raise ConfigError(
             "early_exit",
@@ -114,6 +115,15 @@ def check_early_exit(layers: int, num_layers: int, resident: Sequence[int] | Non
             f"at most {prefix}, the layers resident from the first (the draft would stream offloaded layers once more per "
             f"drafted token): keep more layers resident with --num-gpu-layers, or exit earlier",
         )
+
+
+def _resident_layers(model: Any) -> Sequence[int] | None:
+    """The resident layer indices of the offloader attached to `model`; None when none is (every
+    layer is where the model put it)."""
+    from tracedoffload.offloader import HOOK_ATTR
+
+    offloader = getattr(model, HOOK_ATTR, None)
+    return offloader.resident_indices if offloader is not None else None
 
 
 def _decoder_layer_count(model: Any) -> int:

@@ -141,8 +141,6 @@ def run(args: argparse.Namespace) -> int:
     from tracedoffload.cli import _telemetry
 
     offloader = offload(model, config)
-    if args.early_exit is not None:
-        _check_early_exit_resident(offloader, args.early_exit)
     collector = None
     if args.html is not None:
         from tracedoffload.report.span_collector import ReportSpanCollector
@@ -255,16 +253,6 @@ def _early_exit_residency(config: Any, layers: int, residency_flag: str | None) 
             raise ConfigError("residency", config.residency, "first, with --early-exit (the draft runs the first layers, which must be resident)")
         config = dataclasses.replace(config, residency="first")
     return config
-
-
-def _check_early_exit_resident(offloader: Any, layers: int) -> None:
-    from tracedoffload.speculation import check_early_exit
-
-    try:
-        check_early_exit(layers, len(offloader.layers), offloader.resident_indices)
-    except ConfigError:
-        offloader.detach()  # the model is left as it was
-        raise
 
 
 class _CurrentStderr:
