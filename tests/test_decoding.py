@@ -144,6 +144,10 @@ class TestAnswers:
         assert stopped.finish_reason == FINISH_STOP and stopped.stop_string == "," and stopped.stop_token is None
         assert stopped.generated_tokens < plain.generated_tokens
 
+    def test_stop_strings_need_a_tokenizer_with_a_vocabulary(self, offloaded):
+        with pytest.raises(ConfigError, match="stop=.*ByteTokenizer"):
+            generate_once(offloaded, ByteTokenizer(), PROMPT, 4, raw=True, stop=["x"])
+
     def test_log_probabilities_are_the_models_own_and_greedy_picks_the_best(self, offloaded):
         found = generate_once(offloaded, ByteTokenizer(), PROMPT, 8, raw=True, ignore_eos=True, logprobs=3)
         assert len(found.logprobs) == found.generated_tokens == 8

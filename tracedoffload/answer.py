@@ -42,13 +42,16 @@ class Answer(NamedTuple):
         return self.stop_token is not None or self.stop_string is not None
 
 
-def check_stop(stop: Sequence[str]) -> tuple[str, ...]:
-    """Stop strings: up to `MAX_STOP_STRINGS`, none empty."""
+def check_stop(stop: Sequence[str], tokenizer: Any = None) -> tuple[str, ...]:
+    """Stop strings: up to `MAX_STOP_STRINGS`, none empty; with a `tokenizer`, one that has a
+    vocabulary (transformers matches stop strings against it)."""
     stop = tuple(stop)
     if len(stop) > MAX_STOP_STRINGS:
         raise ConfigError("stop", list(stop), f"at most {MAX_STOP_STRINGS} strings")
     if any(not isinstance(s, str) or not s for s in stop):
         raise ConfigError("stop", list(stop), "non-empty strings")
+    if stop and tokenizer is not None and not hasattr(tokenizer, "get_vocab"):
+        raise ConfigError("stop", list(stop), f"no stop strings with {type(tokenizer).__name__}: transformers matches them against a tokenizer's vocabulary, which it has not")
     return stop
 
 

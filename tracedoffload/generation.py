@@ -21,7 +21,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tracedoffload._exceptions import TracedOffloadError
-from tracedoffload.answer import TokenLogprob, end_of_answer, token_logprobs
+from tracedoffload.answer import TokenLogprob, check_stop, end_of_answer, token_logprobs
 
 if TYPE_CHECKING:  # annotations only: generating needs no OpenTelemetry SDK unless traced
     from tracedoffload.decoding import Decoding
@@ -177,6 +177,7 @@ def _generate(
     stop: Sequence[str] = (),
     logprobs: int | None = None,
 ) -> list[Generation]:
+    stop = check_stop(stop, tokenizer)
     device = model.get_input_embeddings().weight.device
     input_ids, attention_mask, lengths = _left_padded(tokenizer, prompts, system, raw)
     width = input_ids.shape[1]

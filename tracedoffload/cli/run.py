@@ -120,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
     notify(f"loading {args.model or 'the default model'}")
     loaded = load_model(args.model, dtype, seed=args.seed, notify=notify)
     model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
-    if stop and not hasattr(tokenizer, "get_vocab"):
-        raise ConfigError("stop", list(stop), f"no stop strings with {type(tokenizer).__name__}: transformers matches them against a tokenizer's vocabulary, which it has not")
+    check_stop(stop, tokenizer)  # before the offloader attaches
     prompting: dict[str, Any] = {"system": args.system, "raw": args.raw, "interruptible": True, "decoding": decoding, "stop": stop, "logprobs": logprobs}
     if args.num_samples == 1:
         prompting["speculation"] = _speculation(args, model, dtype, device)
