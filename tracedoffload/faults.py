@@ -25,13 +25,29 @@ LEAK_KINDS = ("host", "device")
 DEVICE_LEAK_BYTES_PER_STEP = 2 << 20
 
 
-class LeakInjector(Timeline):
+class _Wrapping(Timeline):
+    """Hands every boundary on to `inner`: a fault overrides the boundary it spoils."""
+
+    def __init__(self, inner: Timeline) -> None:
+        self.inner = inner
+
+    def step_begin(self, marker: object, rows: int = 1, length: int = 1, cached: int | None = None) -> None:
+        self.inner.step_begin(marker, rows, length, cached)
+
+    def layer(self, record: LayerRecord) -> None:
+        self.inner.layer(record)
+
+    def step_end(self, marker: object) -> None:
+        self.inner.step_end(marker)
+
+
+class LeakInjector(_Wrapping):
     """Forwards every boundary to `inner` after leaking on purpose."""
 
     def __init__(self, inner: Timeline, offloader: Offloader, kind: str, device_bytes_per_step: int = DEVICE_LEAK_BYTES_PER_STEP) -> None:
         if kind not in LEAK_KINDS:
             raise ConfigError("inject_leak", kind, f"one of {list(LEAK_KINDS)}")
-        self.inner = inner
+        super().__init__(inner)
         self.offloader = offloader
         self.kind = kind
         self.device_bytes_per_step = device_bytes_per_step
@@ -44,14 +60,11 @@ class LeakInjector(Timeline):
     def leaked_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kept)
 
-    def step_begin(self, marker: object, rows: int = 1, length: int = 1, cached: int | None = None) -> None:
-        self.inner.step_begin(marker, rows, length, cached)
-
     def layer(self, record: LayerRecord) -> None:
         if self.kind == "host" and record.kind == TRANSFER:
             source = self.offloader.host_buffer(record.layer_index)
             self.kept.append(source.pin_memory() if self._pin else source.clone())
-        self.inner.layer(record)
+        super().layer(record)
 
     def step_end(self, marker: object) -> None:
         if self.kind == "device":
@@ -59,7 +72,7 @@ class LeakInjector(Timeline):
 
             # Filled, not just allocated: untouched pages would not count in RSS on a CPU device.
             self.kept.append(torch.ones(self.device_bytes_per_step, dtype=torch.uint8, device=self.offloader.device))
-        self.inner.step_end(marker)
+        super().step_end(marker)
 
     def release(self) -> None:
         self.kept.clear()
@@ -72,7 +85,7 @@ def inject_leak(offloader: Offloader, kind: str) -> LeakInjector:
     return injector
 
 
-class CorruptTransfers(Timeline):
+class CorruptTransfers(_Wrapping):
     """Zeroes the device copy of offloaded layer `layer` after each of its transfers, so that
     `verify` has a divergence to find: a drill for a copy path that cannot be trusted.
 
@@ -83,17 +96,12 @@ class CorruptTransfers(Timeline):
     def __init__(self, inner: Timeline, offloader: Offloader, layer: int) -> None:
         import torch
 
-        self.inner, self.offloader, self.layer_index = inner, offloader, layer
+        super().__init__(inner)
+        self.offloader, self.layer_index = offloader, layer
         self._zeros = torch.zeros(offloader.layer_bytes(layer), dtype=torch.uint8)
 
-    def step_begin(self, marker: object, rows: int = 1, length: int = 1, cached: int | None = None) -> None:
-        self.inner.step_begin(marker, rows, length, cached)
-
     def layer(self, record: LayerRecord) -> None:
-        self.inner.layer(record)
+        super().layer(record)
         if record.kind == TRANSFER and record.layer_index == self.layer_index:
             slot = self.offloader._slot_of[self.layer_index]  # a drill reaches into the slot it spoils
             self.offloader.streams.copy(slot.flat[: self._zeros.numel()], self._zeros, slot.fences, timed=False)
-
-    def step_end(self, marker: object) -> None:
-        self.inner.step_end(marker)
